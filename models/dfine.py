@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from transformers import DFineConfig, DFineForObjectDetection
 
 Variant = Literal["n", "s", "m", "l", "x"]
@@ -106,8 +107,9 @@ def build_model(variant: Variant, labels: list[str]) -> DFineForObjectDetection:
 
 
 def load_model(source: str | Path) -> DFineForObjectDetection:
-    """A trained model from a transformers folder (``save_pretrained``) or a hub id."""
-    model = DFineForObjectDetection.from_pretrained(str(source))
+    """A trained model from a transformers folder (``save_pretrained``) or a hub id, in float32
+    (the shipped checkpoint is stored in float16 to halve its size)."""
+    model = DFineForObjectDetection.from_pretrained(str(source), dtype=torch.float32)
     assert isinstance(model, DFineForObjectDetection)
     return model
 
