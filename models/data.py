@@ -1,4 +1,4 @@
-"""COCO-format datasets and the preprocessing of the official D-FINE pipeline."""
+"""COCO-format datasets, read and resized as the service resizes (``app.imaging``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+from app.imaging import stretch_resize_rgb
 
 
 @dataclass
@@ -57,20 +59,6 @@ def load_coco(root: Path) -> CocoDataset:
         annotations_path, [c["name"] for c in categories], [c["id"] for c in categories],
         list(images.values()),
     )
-
-
-def stretch_resize_rgb(image_bgr: npt.NDArray[np.uint8], width: int, height: int
-                       ) -> npt.NDArray[np.uint8]:
-    """BGR image -> RGB (height, width, 3), stretched without letterbox.
-
-    The official pipeline resizes with PIL bilinear, which antialiases when it shrinks; OpenCV's
-    INTER_AREA is the closest match when shrinking, INTER_LINEAR when enlarging.
-    """
-    h, w = image_bgr.shape[:2]
-    shrinking = w * h > width * height
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    resized = cv2.resize(image_bgr, (width, height), interpolation=interpolation)
-    return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
 
 
 def read_resized(path: Path, size: int) -> npt.NDArray[np.uint8]:

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("torch", reason="model tools need the [models] extra")
 
-from models.synthetic import write_split  # noqa: E402
+from models.synthetic import write_split
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ def test_render_is_reproducible_and_within_spec() -> None:
         assert 1 <= len(shapes) <= MAX_OBJECTS
         for shape in shapes:
             x, y, bw, bh = shape.bbox_xywh
-            assert 0 <= x and 0 <= y and x + bw <= w and y + bh <= h
+            assert x >= 0 and y >= 0 and x + bw <= w and y + bh <= h
             assert max(bw, bh) >= 0.05 * min(h, w)  # at least ~8% of the short side, rotated
             assert 0 <= shape.class_id < len(CLASSES)
 

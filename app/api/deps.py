@@ -1,0 +1,98 @@
+"""Typed dependencies of the routes."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+
+from app.config import Settings
+from app.errors import InvalidRequest, NotReady, Unauthorized
+from app.metrics import Metrics
+from app.service import Detector, DetectParams
+
+
+@dataclass
+class AppState:
+    """What the routes need; built by ``create_app``, filled in by the lifespan."""
+
+    settings: Settings
+    metrics: Metrics
+    detector: Detector | None = None
+    draining: bool = False
+    failure: str | None = None  # why the model could not be loaded or warmed up
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.detector is not None and not self.draining
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.dfine
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_detector(state: StateDep) -> Detector:
+    if not state.ready or state.detector is None:
+        raise NotReady()
+    return state.detector
+
+
+DetectorDep = Annotated[Detector, Depends(get_detector)]
+
+
+def require_api_key(request: Request, state: StateDep) -> None:
+    """With DFINE_API_KEY set: a Bearer token or X-API-Key header, compared in constant time."""
+    expected = state.settings.api_key
+    if not expected:
+        return
+    given = request.headers.get("x-api-key")
+    if given is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized()
+
+
+def _class_ids(text: str | None, names: list[str] | None) -> frozenset[int] | None:
+    if text is None or not text.strip():
+        return None
+    index = {name.lower(): i for i, name in enumerate(names or [])}
+    ids = set()
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        if token.isdigit():
+            ids.add(int(token))
+        elif token.lower() in index:
+            ids.add(index[token.lower()])
+        else:
+            raise InvalidRequest(f"classes: unknown class {token!r}")
+    return frozenset(ids)
+
+
+def detect_params(
+    state: StateDep,
+    score_threshold: Annotated[float | None, Query(
+        ge=0, le=1, description="drop detections below this score (default: setting)")] = None,
+    max_detections: Annotated[int | None, Query(
+        ge=1, le=300, description="keep at most this many detections per image")] = None,
+    classes: Annotated[str | None, Query(
+        max_length=4096, description="comma list of class names or ids to keep")] = None,
+) -> DetectParams:
+    settings = state.settings
+    names = state.detector.engine.info.labels if state.detector else None
+    return DetectParams(
+        score_threshold=settings.score_threshold if score_threshold is None else score_threshold,
+        max_detections=settings.max_detections if max_detections is None else max_detections,
+        class_ids=_class_ids(classes, names),
+    )
+
+
+ParamsDep = Annotated[DetectParams, Depends(detect_params)]

@@ -1,0 +1,81 @@
+"""Every error becomes ``{"error": {"code", "message"}}``, mapped in this one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import Overloaded, ServiceError
+from app.metrics import Metrics
+from app.schemas import ErrorResponse
+
+log = logging.getLogger("dfine.api")
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def error_response(status: int, code: str, message: str, metrics: Metrics,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    metrics.errors.labels(code=code).inc()
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:3]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("query", "body"))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else error.get("msg", ""))
+    return "; ".join(parts) or "the request is invalid"
+
+
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    async def service_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+        return error_response(exc.status, exc.code, exc.message, metrics, headers)
+
+    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(422, "invalid_request", _validation_message(exc), metrics)
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, code, message, metrics, headers)
+
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)  # the details go to the log only
+        return error_response(500, "internal", "internal error", metrics)
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+# The OpenAPI description of the errors each route can answer.
+DETECT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("invalid_image: the bytes do not decode as an image"),
+    401: _error("unauthorized: API key configured and missing or wrong"),
+    413: _error("payload_too_large (upload over the byte limit) or image_too_large "
+                "(decoded pixels over the limit)"),
+    415: _error("unsupported_media_type: neither multipart nor an image body"),
+    422: _error("invalid_request: missing part, bad query values"),
+    500: _error("internal: the engine failed; the service stays up"),
+    503: _error("overloaded (queue full, with Retry-After) or not_ready (loading, draining)"),
+    504: _error("timeout: the request's deadline passed before its batch ran"),
+}
+NOT_READY: dict[int | str, dict[str, Any]] = {503: _error("not_ready")}
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: DETECT_ERRORS[401]}

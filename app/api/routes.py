@@ -1,0 +1,150 @@
+"""Routes: validate, hand over to the detector, shape the response. Nothing heavier."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from app.api.deps import DetectorDep, ParamsDep, StateDep, require_api_key
+from app.api.errors import AUTH_ERRORS, DETECT_ERRORS, NOT_READY
+from app.api.uploads import read_image, read_images
+from app.errors import ServiceError
+from app.schemas import (
+    BatchingInfo,
+    BatchResponse,
+    Box,
+    DetectionOut,
+    DetectResponse,
+    ImageSize,
+    ModelResponse,
+    Status,
+    Timing,
+)
+from app.service import DetectResult
+
+T = TypeVar("T")
+
+router = APIRouter()
+protected = APIRouter(dependencies=[Depends(require_api_key)])
+
+_BINARY = {"type": "string", "format": "binary"}
+IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["image"], "properties": {"image": _BINARY}}},
+    "image/*": {"schema": _BINARY},
+    "application/octet-stream": {"schema": _BINARY},
+}}}
+BATCH_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["images"],
+        "properties": {"images": {"type": "array", "items": _BINARY}}}},
+}}}
+
+
+class ClientGone(ServiceError):
+    """The client disconnected; nobody reads this response (nginx's 499)."""
+
+    code, status, message = "client_closed", 499, "client closed the request"
+
+
+async def _until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, cancelling it if the client disconnects first: a request whose client has
+    gone is dropped from the queue before it runs."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientGone()
+    return task.result()
+
+
+def _response(model: str, result: DetectResult) -> DetectResponse:
+    return DetectResponse(
+        model=model,
+        image=ImageSize(width=result.width, height=result.height),
+        detections=[
+            DetectionOut(label=d.label, class_id=d.class_id, score=round(d.score, 5),
+                         box=Box(x1=d.box[0], y1=d.box[1], x2=d.box[2], y2=d.box[3]))
+            for d in result.detections
+        ],
+        timing_ms=Timing(**result.timing_ms),
+    )
+
+
+@protected.post("/detect", response_model=DetectResponse, responses=DETECT_ERRORS,
+                openapi_extra=IMAGE_BODY, summary="Detect objects in one image")
+async def detect(request: Request, detector: DetectorDep, params: ParamsDep) -> DetectResponse:
+    """One image as multipart part `image`, or as the raw body (`image/*`,
+    `application/octet-stream`). Boxes are in the original image's pixels."""
+    with detector.admit():
+        data = await read_image(request, detector.settings.max_upload_bytes)
+        result = await _until_disconnect(request, detector.detect(data, params))
+    return _response(detector.engine.info.name, result)
+
+
+@protected.post("/detect/batch", response_model=BatchResponse, responses=DETECT_ERRORS,
+                openapi_extra=BATCH_BODY, summary="Detect objects in several images")
+async def detect_batch(request: Request, detector: DetectorDep, params: ParamsDep
+                       ) -> BatchResponse:
+    """Several multipart parts `images`; one result per image, in the order sent."""
+    settings = detector.settings
+    with detector.admit(settings.max_batch_images):
+        images = await read_images(request, settings.max_upload_bytes, settings.max_batch_images)
+
+        async def all_images() -> list[DetectResult]:
+            return list(await asyncio.gather(*(detector.detect(d, params) for d in images)))
+
+        results = await _until_disconnect(request, all_images())
+    name = detector.engine.info.name
+    return BatchResponse(model=name, results=[_response(name, r) for r in results])
+
+
+@router.get("/healthz", response_model=Status, summary="Liveness")
+async def healthz() -> Status:
+    """200 while the process runs."""
+    return Status(status="ok")
+
+
+@router.get("/readyz", response_model=Status, responses=NOT_READY, summary="Readiness")
+async def readyz(state: StateDep) -> Response:
+    """200 once the model is loaded and warmed up; 503 before, and while draining."""
+    if state.ready:
+        return JSONResponse({"status": "ready"})
+    status = "draining" if state.draining else ("failed" if state.failure else "loading")
+    return JSONResponse({"status": status}, status_code=503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "exposition"}})
+async def metrics(state: StateDep) -> Response:
+    return Response(state.metrics.exposition(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@protected.get("/model", response_model=ModelResponse, responses={**NOT_READY, **AUTH_ERRORS},
+               summary="The model being served")
+async def model(detector: DetectorDep) -> ModelResponse:
+    info, settings = detector.engine.info, detector.settings
+    return ModelResponse(
+        name=info.name, path=str(info.path), format="onnx", layout=info.layout,
+        providers=info.providers,
+        input_size=ImageSize(width=info.input_width, height=info.input_height),
+        fixed_batch=info.fixed_batch, resize=info.resize, classes=info.labels,
+        batching=BatchingInfo(
+            max_batch_size=detector.max_batch_size, max_delay_ms=settings.max_delay_ms,
+            max_queue=settings.max_queue, instances=settings.instances,
+            request_timeout_s=settings.request_timeout_s),
+    )

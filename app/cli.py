@@ -1,0 +1,104 @@
+"""``dfine-serve`` / ``python -m app``: a flag for every setting, then uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from types import FrameType
+from typing import Any, get_args
+
+import uvicorn
+
+from app.config import Settings
+from app.engine.session import OnnxEngine
+from app.errors import ModelLoadError
+from app.main import create_app
+
+log = logging.getLogger("dfine")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfine-serve",
+        description="Serve a D-FINE ONNX model over HTTP. Every flag has an environment "
+                    "variable DFINE_<NAME>; flags win.")
+    for name, field in Settings.model_fields.items():
+        kwargs: dict[str, Any] = {"dest": name, "default": None,
+                                  "help": f"{field.description} (default: {field.default})"}
+        annotation = field.annotation
+        choices = get_args(annotation) if getattr(annotation, "__origin__", None) is None \
+            and get_args(annotation) and all(isinstance(a, str) for a in get_args(annotation)) \
+            else None
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif choices:
+            kwargs["choices"] = choices
+        parser.add_argument(_flag(name), **kwargs)
+    return parser
+
+
+def settings_from_args(argv: list[str] | None) -> Settings:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    return Settings(**overrides)
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM or SIGINT: /readyz turns 503 and new requests get 503 not_ready, the admitted
+    requests finish, then uvicorn shuts down, and the process exits with 0. A second signal
+    stops at once."""
+
+    def __init__(self, config: uvicorn.Config, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.drain_timeout_s = drain_timeout_s
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Unlike uvicorn's own, this does not re-raise the signal after shutdown, which
+        # would end the process with "killed by SIGTERM" instead of exit code 0.
+        if self._draining:
+            self.should_exit = self.force_exit = True
+            return
+        self._draining = True
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+    async def _drain(self) -> None:
+        app = self.config.loaded_app
+        state = getattr(getattr(app, "state", None), "dfine", None)
+        if state is not None:
+            state.draining = True
+            if state.detector is not None:
+                log.info("draining: refusing new requests, finishing admitted ones")
+                await state.detector.drain(self.drain_timeout_s)
+        self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = settings_from_args(argv)
+    except ValueError as exc:  # pydantic's ValidationError
+        print(f"dfine-serve: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = OnnxEngine.load(settings)  # fail fast, before binding the port
+    except ModelLoadError as exc:
+        print(f"dfine-serve: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    app = create_app(settings, engine=engine)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level, timeout_graceful_shutdown=None)
+    server = DrainingServer(config, drain_timeout_s=settings.request_timeout_s + 5)
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Settings: the one place that reads the environment (``DFINE_*``); the CLI mirrors every field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "dfine_n_shapes.onnx"
+PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class Settings(BaseSettings):
+    """Every setting of the service. Units are in the names."""
+
+    model_config = SettingsConfigDict(env_prefix="DFINE_", frozen=True, extra="forbid")
+
+    model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model to serve")
+    labels_path: Path | None = Field(None, description="class names, one a line")
+    providers: str = Field(
+        "auto", description="auto, tensorrt, cuda, cpu, or a comma list in priority order")
+    trt_fp16: bool = Field(True, description="TensorRT: build FP16 engines")
+    trt_cache_dir: Path = Field(Path("/tmp/dfine-trt-cache"),
+                                description="TensorRT engine and timing cache")
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per run; 0: all cores")
+    max_batch_size: int = Field(8, ge=1, le=256, description="images per engine run, at most")
+    max_delay_ms: float = Field(
+        5.0, ge=0, le=10_000,
+        description="how long a batch may wait to fill while the engine is busy")
+    max_queue: int = Field(64, ge=1, description="images waiting for the engine, at most")
+    instances: int = Field(1, ge=1, le=16, description="engine runs in flight at once")
+    decode_workers: int = Field(0, ge=0, description="decode/resize threads; 0: one per core")
+    request_timeout_s: float = Field(10.0, gt=0, description="deadline to start a request's batch")
+    score_threshold: float = Field(0.5, ge=0, le=1, description="default score threshold")
+    max_detections: int = Field(100, ge=1, le=300, description="default detections per image")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body limit")
+    max_pixels: int = Field(40_000_000, ge=1, description="decoded width x height limit")
+    max_batch_images: int = Field(16, ge=1, description="images in one /detect/batch request")
+    api_key: str | None = Field(None, description="require this key (Bearer or X-API-Key)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    log_level: LogLevel = Field("info", description="log level")
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: str) -> str:
+        names = [p.strip().lower() for p in value.split(",") if p.strip()]
+        unknown = [n for n in names if n not in PROVIDER_NAMES]
+        if not names or unknown:
+            raise ValueError(f"unknown provider(s) {unknown or value!r}; use {PROVIDER_NAMES}")
+        if "auto" in names and len(names) > 1:
+            raise ValueError("'auto' cannot be combined with other providers")
+        return ",".join(names)
+
+    @property
+    def provider_list(self) -> list[str]:
+        return self.providers.split(",")

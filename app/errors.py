@@ -1,0 +1,64 @@
+"""Domain errors. Raised below the HTTP layer; ``app.api.errors`` maps them to responses."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """An error with a stable code, an HTTP status and a message safe to show to clients."""
+
+    code = "internal"
+    status = 500
+    message = "internal error"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.message)
+        self.message = message or self.message
+
+
+class InvalidImage(ServiceError):
+    code, status, message = "invalid_image", 400, "the data is not a decodable image"
+
+
+class PayloadTooLarge(ServiceError):
+    code, status, message = "payload_too_large", 413, "the upload is over the size limit"
+
+
+class ImageTooLarge(ServiceError):
+    code, status, message = "image_too_large", 413, "the image has too many pixels"
+
+
+class UnsupportedMediaType(ServiceError):
+    code, status = "unsupported_media_type", 415
+    message = "send multipart/form-data, or an image/* or application/octet-stream body"
+
+
+class InvalidRequest(ServiceError):
+    code, status, message = "invalid_request", 422, "the request is invalid"
+
+
+class Unauthorized(ServiceError):
+    code, status, message = "unauthorized", 401, "unauthorized"
+
+
+class Overloaded(ServiceError):
+    code, status, message = "overloaded", 503, "the service is at capacity; retry later"
+
+    def __init__(self, message: str | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(ServiceError):
+    code, status, message = "not_ready", 503, "the model is not ready, or the service is stopping"
+
+
+class DeadlineExceeded(ServiceError):
+    code, status, message = "timeout", 504, "the request's deadline passed before it ran"
+
+
+class EngineFailure(ServiceError):
+    code, status, message = "internal", 500, "inference failed"
+
+
+class ModelLoadError(Exception):
+    """Startup cannot serve the configured model (missing, not ONNX, unknown layout, provider)."""

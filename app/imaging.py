@@ -1,0 +1,184 @@
+"""Decode, size-check and preprocess images: plain functions on bytes and arrays.
+
+The preprocessing matches the official D-FINE evaluation pipeline: RGB, stretch to the model's
+input size (no letterbox) with antialiased shrinking, values /255, NCHW float32, and the
+original (width, height) passed to the model.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import cast
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from app.errors import ImageTooLarge, InvalidImage
+
+LETTERBOX_FILL = 114  # the grey YOLO-style letterboxing pads with
+
+UInt8Image = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Maps boxes from the model's input pixels back to the original: (x - pad_x) / scale."""
+
+    scale: float
+    pad_x: float
+    pad_y: float
+
+
+@dataclass
+class PreparedImage:
+    pixels: npt.NDArray[np.float32]  # (3, H, W), RGB, model-ready
+    width: int  # original image size, pixels
+    height: int
+    target_size_wh: tuple[int, int]  # what the model receives as orig_target_sizes
+    letterbox: Letterbox | None = None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        # SOFn markers (not DHT C4, JPG C8, DAC CC) hold height then width.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            return width, height
+        i += 2 + length
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    order = "<" if data[:2] == b"II" else ">"
+    (offset,) = struct.unpack(order + "I", data[4:8])
+    if offset + 2 > len(data):
+        return None
+    (count,) = struct.unpack(order + "H", data[offset:offset + 2])
+    size: dict[int, int] = {}
+    for k in range(count):
+        entry = data[offset + 2 + 12 * k: offset + 14 + 12 * k]
+        if len(entry) < 12:
+            break
+        tag, kind = struct.unpack(order + "HH", entry[:4])
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+            fmt = "H" if kind == 3 else "I"
+            size[tag] = struct.unpack(order + fmt, entry[8:8 + struct.calcsize(fmt)])[0]
+    if 256 in size and 257 in size:
+        return size[256], size[257]
+    return None
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read from the header of PNG, JPEG, GIF, BMP, WebP and TIFF files, without
+    decoding pixels; None when the format is unknown or the header is cut short."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+            width, height = struct.unpack(">II", data[16:24])
+            return int(width), int(height)
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_size(data)
+        if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+            width, height = struct.unpack("<HH", data[6:10])
+            return int(width), int(height)
+        if data[:2] == b"BM" and len(data) >= 26:
+            width, height = struct.unpack("<ii", data[18:26])
+            return abs(width), abs(height)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+            chunk = data[12:16]
+            if chunk == b"VP8 ":
+                width, height = struct.unpack("<HH", data[26:30])
+                return width & 0x3FFF, height & 0x3FFF
+            if chunk == b"VP8L":
+                bits = int.from_bytes(data[21:25], "little")
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if chunk == b"VP8X":
+                return (int.from_bytes(data[24:27], "little") + 1,
+                        int.from_bytes(data[27:30], "little") + 1)
+        if data[:4] in (b"II*\x00", b"MM\x00*") and len(data) >= 8:
+            return _tiff_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def decode(data: bytes, max_pixels: int) -> UInt8Image:
+    """Bytes -> (h, w, 3) BGR uint8, EXIF orientation applied.
+
+    Grayscale, RGBA (alpha dropped), 16-bit and palette images become 8-bit BGR. The pixel count
+    is checked from the header first, so a decompression bomb is refused before it is decoded.
+    """
+    if not data:
+        raise InvalidImage("the image is empty (zero bytes)")
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageTooLarge(f"the image has {size[0]}x{size[1]} pixels; the limit is "
+                            f"{max_pixels} pixels")
+    if size is not None and (size[0] == 0 or size[1] == 0):
+        raise InvalidImage("the image header declares a zero width or height")
+    image = cast(UInt8Image | None, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+    if image is None or image.size == 0:
+        raise InvalidImage()
+    height, width = image.shape[:2]
+    if width * height > max_pixels:  # formats whose header we do not read
+        raise ImageTooLarge(f"the image has {width}x{height} pixels; the limit is "
+                            f"{max_pixels} pixels")
+    return image
+
+
+def stretch_resize_rgb(image_bgr: UInt8Image, width: int, height: int) -> UInt8Image:
+    """BGR -> RGB (height, width, 3), stretched without letterbox.
+
+    The official pipeline resizes with PIL bilinear, which antialiases when it shrinks; OpenCV's
+    INTER_AREA is the closest match when shrinking, INTER_LINEAR when enlarging.
+    """
+    h, w = image_bgr.shape[:2]
+    interpolation = cv2.INTER_AREA if w * h > width * height else cv2.INTER_LINEAR
+    resized = cv2.resize(image_bgr, (width, height), interpolation=interpolation)
+    return cast(UInt8Image, cv2.cvtColor(resized, cv2.COLOR_BGR2RGB))
+
+
+def letterbox_rgb(image_bgr: UInt8Image, width: int, height: int
+                  ) -> tuple[UInt8Image, Letterbox]:
+    h, w = image_bgr.shape[:2]
+    scale = min(width / w, height / h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    inner = stretch_resize_rgb(image_bgr, new_w, new_h)
+    canvas = np.full((height, width, 3), LETTERBOX_FILL, np.uint8)
+    pad_x, pad_y = (width - new_w) // 2, (height - new_h) // 2
+    canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = inner
+    return canvas, Letterbox(scale, float(pad_x), float(pad_y))
+
+
+def to_chw_float(rgb: UInt8Image, mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None) -> npt.NDArray[np.float32]:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1], then (x - mean) / std when given."""
+    chw = rgb.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)
+    if mean is not None and std is not None:
+        chw -= np.asarray(mean, np.float32)[:, None, None]
+        chw /= np.asarray(std, np.float32)[:, None, None]
+    return chw
+
+
+def prepare(image_bgr: UInt8Image, input_width: int, input_height: int, resize: str = "stretch",
+            mean: tuple[float, float, float] | None = None,
+            std: tuple[float, float, float] | None = None) -> PreparedImage:
+    height, width = image_bgr.shape[:2]
+    if resize == "letterbox":
+        rgb, box = letterbox_rgb(image_bgr, input_width, input_height)
+        return PreparedImage(to_chw_float(rgb, mean, std), width, height,
+                             (input_width, input_height), box)
+    rgb = stretch_resize_rgb(image_bgr, input_width, input_height)
+    return PreparedImage(to_chw_float(rgb, mean, std), width, height, (width, height))

@@ -1,0 +1,81 @@
+"""Response bodies (DESIGN §2); their JSON Schemas document the API in /docs."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Box(BaseModel):
+    """Corners in the original image's pixels, clipped to the image."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class DetectionOut(BaseModel):
+    label: str = Field(examples=["circle"])
+    class_id: int = Field(ge=0, examples=[0])
+    score: float = Field(ge=0, le=1, examples=[0.912])
+    box: Box
+
+
+class ImageSize(BaseModel):
+    width: int = Field(examples=[1280])
+    height: int = Field(examples=[720])
+
+
+class Timing(BaseModel):
+    """Milliseconds spent in each stage of this request."""
+
+    queue: float
+    preprocess: float
+    inference: float
+    total: float
+
+
+class DetectResponse(BaseModel):
+    model: str = Field(examples=["dfine_n_shapes"])
+    image: ImageSize
+    detections: list[DetectionOut] = Field(description="sorted by score, descending")
+    timing_ms: Timing
+
+
+class BatchResponse(BaseModel):
+    model: str
+    results: list[DetectResponse] = Field(description="one per image, in the order sent")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["invalid_image"])
+    message: str = Field(examples=["the data is not a decodable image"])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Status(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    max_delay_ms: float
+    max_queue: int
+    instances: int
+    request_timeout_s: float
+
+
+class ModelResponse(BaseModel):
+    name: str
+    path: str
+    format: str = Field(examples=["onnx"])
+    layout: str = Field(examples=["official"], description="official or raw_head")
+    providers: list[str] = Field(examples=[["CPUExecutionProvider"]])
+    input_size: ImageSize
+    fixed_batch: int | None = Field(description="the model's own batch size, if not dynamic")
+    resize: str = Field(examples=["stretch"])
+    classes: list[str] | None = Field(description="class names by class_id; null if unnamed")
+    batching: BatchingInfo

@@ -1,0 +1,144 @@
+"""The detector: decode in a thread pool, batch through the engine, postprocess per request.
+
+It joins the engine, the batcher and the pure processing functions, and knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from app.batching import DynamicBatcher
+from app.config import Settings
+from app.engine.session import OnnxEngine
+from app.errors import NotReady, Overloaded
+from app.imaging import PreparedImage, decode, prepare
+from app.metrics import Metrics
+from app.postprocess import Detection, select
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    score_threshold: float
+    max_detections: int
+    class_ids: frozenset[int] | None = None
+
+
+@dataclass
+class _Row:
+    """One image's share of an engine run (official layout), with the run's timestamps."""
+
+    labels: npt.NDArray[np.int64]
+    boxes: npt.NDArray[np.float32]
+    scores: npt.NDArray[np.float32]
+    run_started: float
+    run_finished: float
+
+
+@dataclass
+class DetectResult:
+    width: int
+    height: int
+    detections: list[Detection]
+    timing_ms: dict[str, float]
+
+
+class Detector:
+    def __init__(self, engine: OnnxEngine, settings: Settings, metrics: Metrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.max_batch_size = engine.max_batch_size(settings.max_batch_size)
+        self.decode_workers = settings.decode_workers or os.cpu_count() or 1
+        self._decode_pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
+        self.batcher: DynamicBatcher[PreparedImage, _Row] = DynamicBatcher(
+            self._run_batch, max_batch_size=self.max_batch_size,
+            max_delay_s=settings.max_delay_ms / 1000, max_queue=settings.max_queue,
+            instances=settings.instances, observer=metrics)
+        # Requests admitted at once (each holding its upload, then its decoded image): enough
+        # to keep the queue and every engine instance full, and no more. This is what bounds
+        # memory: see the README's "Memory" section.
+        self.max_admitted = (settings.max_queue + self.decode_workers
+                             + settings.instances * self.max_batch_size)
+        self._admitted = 0
+        self.accepting = True
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    def warm_up(self) -> None:
+        self.engine.warm_up(list(range(1, self.max_batch_size + 1)))
+
+    @contextlib.contextmanager
+    def admit(self, images: int = 1) -> Iterator[None]:
+        """Hold a place for ``images`` images, or refuse with Overloaded before reading more."""
+        if not self.accepting:
+            raise NotReady()
+        if self._admitted + images > self.max_admitted:
+            raise Overloaded(retry_after_s=1)
+        self._admitted += images
+        try:
+            yield
+        finally:
+            self._admitted -= images
+
+    def _prepare(self, data: bytes) -> PreparedImage:
+        started = time.perf_counter()
+        info = self.engine.info
+        norm = info.normalization
+        image = decode(data, self.settings.max_pixels)
+        prepared = prepare(image, info.input_width, info.input_height, info.resize,
+                           None if norm.is_identity else norm.mean,
+                           None if norm.is_identity else norm.std)
+        self.metrics.preprocess.observe(time.perf_counter() - started)
+        return prepared
+
+    def _run_batch(self, items: list[PreparedImage]) -> list[_Row]:
+        started = time.perf_counter()
+        images = np.stack([item.pixels for item in items])
+        sizes = np.asarray([item.target_size_wh for item in items], np.int64)
+        out = self.engine.run(images, sizes)
+        finished = time.perf_counter()
+        return [_Row(out.labels[k], out.boxes[k], out.scores[k], started, finished)
+                for k in range(len(items))]
+
+    async def detect(self, data: bytes, params: DetectParams) -> DetectResult:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        prepared = await loop.run_in_executor(self._decode_pool, self._prepare, data)
+        queued = time.perf_counter()
+        row = await self.batcher.submit(prepared, self.settings.request_timeout_s)
+        detections = select(
+            row.labels, row.boxes, row.scores, prepared.width, prepared.height,
+            self.engine.info.labels, params.score_threshold, params.max_detections,
+            params.class_ids, prepared.letterbox)
+        finished = time.perf_counter()
+        timing = {
+            "preprocess": queued - started,
+            "queue": max(0.0, row.run_started - queued),
+            "inference": row.run_finished - row.run_started,
+            "total": finished - started,
+        }
+        return DetectResult(prepared.width, prepared.height, detections,
+                            {k: round(v * 1000, 3) for k, v in timing.items()})
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests; let the admitted ones (reading, decoding, queued, running)
+        finish. Returns False if ``timeout_s`` passed first."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout_s
+        while self._admitted and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return await self.batcher.drain(max(0.0, deadline - time.monotonic()))
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
