@@ -1,0 +1,97 @@
+"""Shared test helpers: rendered scenes, encoders, IoU, and a real server in a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+
+from models.synthetic import CLASSES, render
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "models" / "dfine_n_shapes.onnx"
+
+
+def render_scene(seed: int) -> tuple[np.ndarray, list[tuple[str, tuple[float, ...]]]]:
+    """A synthetic image (BGR) and its shapes as (label, xyxy)."""
+    image, shapes = render(seed)
+    truth = [(CLASSES[s.class_id], (s.bbox_xywh[0], s.bbox_xywh[1],
+                                    s.bbox_xywh[0] + s.bbox_xywh[2],
+                                    s.bbox_xywh[1] + s.bbox_xywh[3])) for s in shapes]
+    return image, truth
+
+
+def encode(image: np.ndarray, ext: str = ".jpg") -> bytes:
+    ok, data = cv2.imencode(ext, image)
+    assert ok
+    return data.tobytes()
+
+
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def run_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+               ready_timeout_s: float = 60) -> Iterator[Server]:
+    """``python -m app`` on a free loopback port, waited on until /readyz is 200."""
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DFINE_")}
+    environment.update(env or {})
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not ready:\n{server.log()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

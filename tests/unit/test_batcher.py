@@ -1,0 +1,183 @@
+"""The batcher with a stub engine: a plain function that records the batches it is given."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from app.batching import DynamicBatcher
+from app.errors import DeadlineExceeded, EngineFailure, NotReady, Overloaded
+
+
+class StubEngine:
+    """Doubles each payload after ``delay_s``; fails batches containing ``fail_on``."""
+
+    def __init__(self, delay_s: float = 0.0, fail_on: int | None = None) -> None:
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.batches: list[list[int]] = []
+        self.concurrent = 0
+        self.max_concurrent = 0
+        self._lock = threading.Lock()
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, payloads: list[int]) -> list[int]:
+        with self._lock:
+            self.batches.append(list(payloads))
+            self.concurrent += 1
+            self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            self.release.wait(5)
+            time.sleep(self.delay_s)
+            if self.fail_on is not None and self.fail_on in payloads:
+                raise RuntimeError("injected engine failure")
+            return [p * 2 for p in payloads]
+        finally:
+            with self._lock:
+                self.concurrent -= 1
+
+
+def make(engine: StubEngine, **kwargs: float) -> DynamicBatcher[int, int]:
+    options = {"max_batch_size": 4, "max_delay_s": 0.05, "max_queue": 64, "instances": 1}
+    options.update(kwargs)
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(engine, **options)  # type: ignore[arg-type]
+    batcher.start()
+    return batcher
+
+
+async def test_lone_request_on_idle_engine_does_not_wait_for_the_delay() -> None:
+    engine = StubEngine()
+    batcher = make(engine, max_delay_s=2.0)
+    started = time.perf_counter()
+    assert await batcher.submit(21, timeout_s=5) == 42
+    assert time.perf_counter() - started < 0.5
+    await batcher.stop()
+
+
+async def test_batches_close_at_max_batch_size_and_keep_order() -> None:
+    engine = StubEngine(delay_s=0.05)
+    batcher = make(engine, max_batch_size=4, max_delay_s=1.0)
+    results = await asyncio.gather(*(batcher.submit(i, timeout_s=5) for i in range(9)))
+    assert results == [i * 2 for i in range(9)]
+    assert all(len(b) <= 4 for b in engine.batches)
+    assert [p for b in engine.batches for p in b] == list(range(9))  # first come, first run
+    assert max(len(b) for b in engine.batches) == 4
+    await batcher.stop()
+
+
+async def test_batch_closes_after_max_delay_while_engine_is_busy() -> None:
+    engine = StubEngine()
+    engine.release.clear()  # the first run blocks, so the engine is busy
+    batcher = make(engine, max_batch_size=8, max_delay_s=0.1, instances=2)
+    first = asyncio.ensure_future(batcher.submit(0, timeout_s=5))
+    await asyncio.sleep(0.05)
+    started = time.perf_counter()
+    second = asyncio.ensure_future(batcher.submit(1, timeout_s=5))
+    third = asyncio.ensure_future(batcher.submit(2, timeout_s=5))
+    while len(engine.batches) < 2:
+        await asyncio.sleep(0.005)
+    waited = time.perf_counter() - started
+    engine.release.set()
+    assert await asyncio.gather(first, second, third) == [0, 2, 4]
+    assert engine.batches == [[0], [1, 2]]  # 1 and 2 waited together for the delay
+    assert 0.07 < waited < 0.5
+    await batcher.stop()
+
+
+async def test_queue_full_is_refused_with_overloaded() -> None:
+    engine = StubEngine()
+    engine.release.clear()
+    batcher = make(engine, max_batch_size=1, max_queue=2)
+    running = asyncio.ensure_future(batcher.submit(0, timeout_s=5))
+    while not engine.batches:
+        await asyncio.sleep(0.005)
+    queued = [asyncio.ensure_future(batcher.submit(i, timeout_s=5)) for i in (1, 2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded) as refused:
+        await batcher.submit(3, timeout_s=5)
+    assert refused.value.retry_after_s >= 1
+    engine.release.set()
+    assert await asyncio.gather(running, *queued) == [0, 2, 4]
+    await batcher.stop()
+
+
+async def test_request_past_its_deadline_before_its_batch_gets_timeout() -> None:
+    engine = StubEngine()
+    engine.release.clear()
+    batcher = make(engine, max_batch_size=1)
+    running = asyncio.ensure_future(batcher.submit(0, timeout_s=5))
+    while not engine.batches:
+        await asyncio.sleep(0.005)
+    started = time.perf_counter()
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(1, timeout_s=0.1)
+    assert time.perf_counter() - started < 0.5  # answered at its deadline, not after the run
+    assert batcher.queue_depth == 0
+    engine.release.set()
+    assert await running == 0
+    await asyncio.sleep(0.05)
+    assert engine.batches == [[0]]  # the expired request never ran
+    await batcher.stop()
+
+
+async def test_running_request_is_not_timed_out_mid_run() -> None:
+    engine = StubEngine(delay_s=0.3)
+    batcher = make(engine)
+    assert await batcher.submit(5, timeout_s=0.1) == 10  # started in time, so it completes
+    await batcher.stop()
+
+
+async def test_cancelled_request_is_dropped_before_it_runs() -> None:
+    engine = StubEngine()
+    engine.release.clear()
+    batcher = make(engine, max_batch_size=1)
+    running = asyncio.ensure_future(batcher.submit(0, timeout_s=5))
+    while not engine.batches:
+        await asyncio.sleep(0.005)
+    gone = asyncio.ensure_future(batcher.submit(1, timeout_s=5))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    await asyncio.sleep(0.01)
+    assert batcher.queue_depth == 0
+    engine.release.set()
+    await running
+    assert await batcher.submit(2, timeout_s=5) == 4
+    assert engine.batches == [[0], [2]]
+    await batcher.stop()
+
+
+async def test_engine_failure_fails_only_its_batch() -> None:
+    engine = StubEngine(delay_s=0.02, fail_on=3)
+    batcher = make(engine, max_batch_size=2, max_delay_s=0.0)
+    results = await asyncio.gather(*(batcher.submit(i, timeout_s=5) for i in range(6)),
+                                   return_exceptions=True)
+    failed = {i for i, r in enumerate(results) if isinstance(r, EngineFailure)}
+    batch_with_3 = next(b for b in engine.batches if 3 in b)
+    assert failed == set(batch_with_3)
+    assert all(results[i] == i * 2 for i in range(6) if i not in failed)
+    assert await batcher.submit(10, timeout_s=5) == 20  # the batcher carries on
+    await batcher.stop()
+
+
+async def test_instances_bound_the_runs_in_flight() -> None:
+    engine = StubEngine(delay_s=0.05)
+    batcher = make(engine, max_batch_size=1, instances=2)
+    await asyncio.gather(*(batcher.submit(i, timeout_s=5) for i in range(8)))
+    assert engine.max_concurrent == 2
+    await batcher.stop()
+
+
+async def test_drain_finishes_queued_work_and_refuses_new() -> None:
+    engine = StubEngine(delay_s=0.05)
+    batcher = make(engine, max_batch_size=2)
+    pending = [asyncio.ensure_future(batcher.submit(i, timeout_s=5)) for i in range(5)]
+    await asyncio.sleep(0.01)
+    assert await batcher.drain(timeout_s=5)
+    assert [p.result() for p in pending] == [0, 2, 4, 6, 8]
+    with pytest.raises(NotReady):
+        await batcher.submit(1, timeout_s=5)
+    await batcher.stop()

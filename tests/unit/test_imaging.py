@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import io
+import struct
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from app.errors import ImageTooLarge, InvalidImage
+from app.imaging import decode, header_size, letterbox_rgb, prepare, stretch_resize_rgb
+from app.postprocess import select
+from tests.helpers import DEFAULT_MODEL, box_iou, encode, render_scene
+
+SIZE = 320
+
+
+def pil_reference(image_bgr: np.ndarray) -> np.ndarray:
+    """The official pipeline: PIL RGB, Image.resize(BILINEAR), antialiased when shrinking."""
+    pil = Image.fromarray(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB))
+    return np.asarray(pil.resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+
+
+def detect(session: ort.InferenceSession, rgb: np.ndarray, width: int, height: int
+           ) -> list[tuple[int, tuple[float, ...], float]]:
+    pixels = rgb.transpose(2, 0, 1)[None].astype(np.float32) / 255
+    labels, boxes, scores = session.run(
+        None, {"images": pixels, "orig_target_sizes": np.asarray([[width, height]], np.int64)})
+    found = select(labels[0], boxes[0], scores[0], width, height, None, 0.5, 100)
+    return [(d.class_id, d.box, d.score) for d in found]
+
+
+@pytest.mark.parametrize("seed", [3, 7, 11, 19])
+def test_preprocessing_matches_pil_closely_enough_to_keep_detections(seed: int) -> None:
+    image, _ = render_scene(seed)
+    ours = stretch_resize_rgb(image, SIZE, SIZE)
+    reference = pil_reference(image)
+    diff = np.abs(ours.astype(np.int16) - reference.astype(np.int16))
+    print(f"seed {seed} {image.shape[1]}x{image.shape[0]}: mean abs diff {diff.mean():.3f}, "
+          f"max {diff.max()} (of 255)")
+    assert diff.mean() < 1.5
+    session = ort.InferenceSession(str(DEFAULT_MODEL), providers=["CPUExecutionProvider"])
+    h, w = image.shape[:2]
+    a, b = detect(session, ours, w, h), detect(session, reference, w, h)
+    assert a, "the scene should have detections"
+    # Scores near the 0.5 threshold may cross it; every confident one must be in both.
+    for label, box, score in a:
+        if score >= 0.6:
+            assert any(la == label and box_iou(box, bb) > 0.9 for la, bb, _ in b), (label, box)
+
+
+def test_prepare_gives_nchw_float_rgb_in_unit_range_and_original_size() -> None:
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[..., 2] = 255  # pure red in BGR
+    prepared = prepare(image, 64, 32)
+    assert prepared.pixels.shape == (3, 32, 64) and prepared.pixels.dtype == np.float32
+    assert prepared.pixels[0].min() == 1.0 and prepared.pixels[1:].max() == 0.0  # R first
+    assert (prepared.width, prepared.height) == (200, 100)
+    assert prepared.target_size_wh == (200, 100) and prepared.letterbox is None
+
+
+def test_letterbox_keeps_aspect_and_maps_back() -> None:
+    image = np.full((100, 200, 3), 255, np.uint8)
+    canvas, box = letterbox_rgb(image, 320, 320)
+    assert canvas.shape == (320, 320, 3) and box.scale == 1.6 and box.pad_y == 80
+    prepared = prepare(image, 320, 320, resize="letterbox", mean=(0.5, 0.5, 0.5),
+                       std=(0.5, 0.5, 0.5))
+    assert prepared.target_size_wh == (320, 320)
+    assert prepared.pixels.max() == pytest.approx(1.0)  # (1 - 0.5) / 0.5
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"])
+def test_header_size_reads_every_supported_format(fmt: str) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (123, 45), (10, 20, 30)).save(buffer, fmt)
+    assert header_size(buffer.getvalue()) == (123, 45)
+    assert decode(buffer.getvalue(), 10_000).shape == (45, 123, 3)
+
+
+def test_decompression_bomb_is_refused_from_the_header() -> None:
+    # A PNG header claiming 20000x20000 with no pixel data: refused before any decode.
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + b"\0\0\0\0"
+    with pytest.raises(ImageTooLarge):
+        decode(bomb, 40_000_000)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", encode(np.zeros((8, 8, 3),
+                                                                              np.uint8))[:40]])
+def test_undecodable_bytes_are_invalid_image(data: bytes) -> None:
+    with pytest.raises(InvalidImage):
+        decode(data, 1_000_000)
+
+
+def test_awkward_images_become_8bit_bgr() -> None:
+    gray16 = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    for array in (gray16, rgba, np.zeros((48, 64), np.uint8)):
+        ok, png = cv2.imencode(".png", array)
+        assert ok
+        out = decode(png.tobytes(), 10_000)
+        assert out.shape == (48, 64, 3) and out.dtype == np.uint8
+    palette = io.BytesIO()
+    Image.new("P", (64, 48), 3).save(palette, "PNG")
+    assert decode(palette.getvalue(), 10_000).shape == (48, 64, 3)
+
+
+def test_exif_orientation_is_applied() -> None:
+    pil = Image.new("RGB", (60, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    pil.save(buffer, "JPEG", exif=exif.tobytes())
+    assert decode(buffer.getvalue(), 10_000).shape == (60, 20, 3)

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.cli import build_parser, settings_from_args
+from app.config import Settings
+from app.engine import providers as prov
+from app.errors import ModelLoadError
+
+GPU_BUILD = [prov.TENSORRT, prov.CUDA, prov.CPU]
+
+
+def test_auto_prefers_tensorrt_then_cuda_then_cpu() -> None:
+    assert prov.choose_providers(["auto"], GPU_BUILD) == GPU_BUILD
+    assert prov.choose_providers(["auto"], [prov.CUDA, prov.CPU]) == [prov.CUDA, prov.CPU]
+    assert prov.choose_providers(["auto"], [prov.CPU]) == [prov.CPU]
+
+
+def test_explicit_list_is_honoured_in_order_and_missing_ones_are_errors() -> None:
+    assert prov.choose_providers(["cuda", "cpu"], GPU_BUILD) == [prov.CUDA, prov.CPU]
+    with pytest.raises(ModelLoadError, match="TensorrtExecutionProvider"):
+        prov.choose_providers(["tensorrt", "cpu"], [prov.CUDA, prov.CPU])
+
+
+def test_a_silent_fallback_is_refused_when_providers_were_named() -> None:
+    with pytest.raises(ModelLoadError, match="CUDAExecutionProvider"):
+        prov.missing_in_use([prov.CUDA, prov.CPU], [prov.CPU], explicit=True)
+    assert prov.missing_in_use([prov.TENSORRT, prov.CUDA, prov.CPU], [prov.CUDA, prov.CPU],
+                               explicit=False) == [prov.TENSORRT]
+
+
+def test_tensorrt_options_have_fp16_cache_and_a_profile_for_every_batch(tmp_path: Path) -> None:
+    opts = prov.GpuOptions(max_batch_size=8, input_height=640, input_width=640, trt_fp16=True,
+                           trt_cache_dir=tmp_path, sizes_input="orig_target_sizes")
+    trt = prov.tensorrt_options(opts)
+    assert trt["trt_fp16_enable"] is True
+    assert trt["trt_engine_cache_enable"] is True
+    assert trt["trt_engine_cache_path"] == str(tmp_path)
+    assert trt["trt_timing_cache_path"] == str(tmp_path)
+    assert trt["trt_profile_min_shapes"] == "images:1x3x640x640,orig_target_sizes:1x2"
+    assert trt["trt_profile_opt_shapes"] == "images:8x3x640x640,orig_target_sizes:8x2"
+    assert trt["trt_profile_max_shapes"] == "images:8x3x640x640,orig_target_sizes:8x2"
+    raw = prov.tensorrt_options(prov.GpuOptions(4, 320, 320, False, tmp_path, None,
+                                                image_input="pixel_values"))
+    assert raw["trt_profile_max_shapes"] == "pixel_values:4x3x320x320"
+    specs = prov.provider_specs(GPU_BUILD, opts)
+    assert [name for name, _ in specs] == GPU_BUILD
+    assert specs[1][1]["device_id"] == 0 and specs[2][1] == {}
+
+
+def test_settings_come_from_the_environment_and_flags_win(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setenv("DFINE_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("DFINE_PROVIDERS", "CUDA, cpu")
+    assert Settings().max_batch_size == 4
+    assert Settings().provider_list == ["cuda", "cpu"]
+    settings = settings_from_args(["--max-batch-size", "2", "--no-trt-fp16", "--port", "9000"])
+    assert (settings.max_batch_size, settings.trt_fp16, settings.port) == (2, False, 9000)
+
+
+def test_every_setting_has_a_flag() -> None:
+    flags = {a.dest for a in build_parser()._actions}
+    assert set(Settings.model_fields) <= flags
+
+
+@pytest.mark.parametrize("bad", ["gpu", "auto,cpu", ""])
+def test_unknown_providers_are_rejected(bad: str) -> None:
+    with pytest.raises(ValueError):
+        Settings(providers=bad)
