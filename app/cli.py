@@ -11,6 +11,7 @@ from typing import Any, get_args
 
 import uvicorn
 
+from app.api.deps import AppState
 from app.config import Settings
 from app.engine.session import OnnxEngine
 from app.errors import ModelLoadError
@@ -54,8 +55,9 @@ class DrainingServer(uvicorn.Server):
     requests finish, then uvicorn shuts down, and the process exits with 0. A second signal
     stops at once."""
 
-    def __init__(self, config: uvicorn.Config, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: AppState, drain_timeout_s: float) -> None:
         super().__init__(config)
+        self.state = state
         self.drain_timeout_s = drain_timeout_s
         self._draining = False
 
@@ -70,13 +72,10 @@ class DrainingServer(uvicorn.Server):
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
 
     async def _drain(self) -> None:
-        app = self.config.loaded_app
-        state = getattr(getattr(app, "state", None), "dfine", None)
-        if state is not None:
-            state.draining = True
-            if state.detector is not None:
-                log.info("draining: refusing new requests, finishing admitted ones")
-                await state.detector.drain(self.drain_timeout_s)
+        self.state.draining = True
+        if self.state.detector is not None:
+            log.info("draining: refusing new requests, finishing admitted ones")
+            await self.state.detector.drain(self.drain_timeout_s)
         self.should_exit = True
 
 
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, timeout_graceful_shutdown=None)
-    server = DrainingServer(config, drain_timeout_s=settings.request_timeout_s + 5)
+    server = DrainingServer(config, app.state.dfine, drain_timeout_s=settings.request_timeout_s + 5)
     server.run()
 
 

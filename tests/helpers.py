@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import httpx
@@ -44,6 +45,14 @@ def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def assert_same_detections(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    """Equal up to float noise: a batched run may differ from a single one in the last bits."""
+    assert [d["label"] for d in got] == [d["label"] for d in want]
+    for a, b in zip(got, want):
+        assert abs(a["score"] - b["score"]) < 1e-3
+        assert box_iou(tuple(a["box"].values()), tuple(b["box"].values())) > 0.99
 
 
 def free_port() -> int:
