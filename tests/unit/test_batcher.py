@@ -49,6 +49,14 @@ def make(engine: StubEngine, **kwargs: float) -> DynamicBatcher[int, int]:
     return batcher
 
 
+async def occupy(batcher: DynamicBatcher[int, int], engine: StubEngine) -> asyncio.Future[int]:
+    """Submit payload 0 and wait until its run has started (and blocks, if the engine holds)."""
+    running = asyncio.ensure_future(batcher.submit(0, timeout_s=5))
+    while not engine.batches:
+        await asyncio.sleep(0.005)
+    return running
+
+
 async def test_lone_request_on_idle_engine_does_not_wait_for_the_delay() -> None:
     engine = StubEngine()
     batcher = make(engine, max_delay_s=2.0)
@@ -92,9 +100,7 @@ async def test_queue_full_is_refused_with_overloaded() -> None:
     engine = StubEngine()
     engine.release.clear()
     batcher = make(engine, max_batch_size=1, max_queue=2)
-    running = asyncio.ensure_future(batcher.submit(0, timeout_s=5))
-    while not engine.batches:
-        await asyncio.sleep(0.005)
+    running = await occupy(batcher, engine)
     queued = [asyncio.ensure_future(batcher.submit(i, timeout_s=5)) for i in (1, 2)]
     await asyncio.sleep(0.01)
     with pytest.raises(Overloaded) as refused:
@@ -109,9 +115,7 @@ async def test_request_past_its_deadline_before_its_batch_gets_timeout() -> None
     engine = StubEngine()
     engine.release.clear()
     batcher = make(engine, max_batch_size=1)
-    running = asyncio.ensure_future(batcher.submit(0, timeout_s=5))
-    while not engine.batches:
-        await asyncio.sleep(0.005)
+    running = await occupy(batcher, engine)
     started = time.perf_counter()
     with pytest.raises(DeadlineExceeded):
         await batcher.submit(1, timeout_s=0.1)
@@ -135,9 +139,7 @@ async def test_cancelled_request_is_dropped_before_it_runs() -> None:
     engine = StubEngine()
     engine.release.clear()
     batcher = make(engine, max_batch_size=1)
-    running = asyncio.ensure_future(batcher.submit(0, timeout_s=5))
-    while not engine.batches:
-        await asyncio.sleep(0.005)
+    running = await occupy(batcher, engine)
     gone = asyncio.ensure_future(batcher.submit(1, timeout_s=5))
     await asyncio.sleep(0.01)
     gone.cancel()
