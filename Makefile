@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck format clean
+.PHONY: install tools run test lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# promtool and prometheus (Debian's package) for the deployment tests; needs root, as CI has.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+	    >/dev/null; }
+
 run: $(STAMP)
 	$(PY) -m app
 
@@ -23,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check app models tests
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint tools
 	$(PY) -m pytest
 
 format: $(STAMP)

@@ -17,7 +17,9 @@ LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 class Settings(BaseSettings):
     """Every setting of the service. Units are in the names."""
 
-    model_config = SettingsConfigDict(env_prefix="DFINE_", frozen=True, extra="forbid")
+    # Empty variables count as unset: compose passes "${DFINE_LABELS_PATH:-}" as "".
+    model_config = SettingsConfigDict(env_prefix="DFINE_", frozen=True, extra="forbid",
+                                      env_ignore_empty=True)
 
     model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model to serve")
     labels_path: Path | None = Field(None, description="class names, one a line")

@@ -38,6 +38,7 @@ async def _load(state: AppState, engine: OnnxEngine | None) -> None:
             "model": info.name, "format": "onnx", "layout": info.layout,
             "providers": ",".join(info.providers),
             "input_size": f"{info.input_width}x{info.input_height}"})
+        state.metrics.queue_capacity.set(settings.max_queue)
         detector.start()
         state.detector = detector
     except Exception as exc:

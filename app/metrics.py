@@ -24,6 +24,9 @@ LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25,
     0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
 )
+ERROR_CODES = ("invalid_image", "payload_too_large", "image_too_large", "unsupported_media_type",
+               "invalid_request", "unauthorized", "overloaded", "not_ready", "timeout",
+               "internal")
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 
@@ -49,10 +52,14 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("dfine_queue_depth", "Images waiting for the engine",
                                  registry=r)
+        self.queue_capacity = Gauge("dfine_queue_capacity", "MAX_QUEUE: images the queue holds",
+                                    registry=r)
         self.inflight_batches = Gauge("dfine_inflight_batches", "Engine runs in progress",
                                       registry=r)
         self.images = Counter("dfine_images", "Images run through the engine", registry=r)
         self.errors = Counter("dfine_errors", "Error responses by code", ["code"], registry=r)
+        for code in ERROR_CODES:  # every series exists from the start, so rate() sees the 1st
+            self.errors.labels(code=code)
         self.cancelled = Counter("dfine_cancelled", "Requests dropped before their run because "
                                  "the client went away", registry=r)
         self.expired = Counter("dfine_expired", "Requests dropped before their run because "

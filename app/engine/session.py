@@ -139,6 +139,10 @@ class OnnxEngine:
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
         requested = prov.choose_providers(settings.provider_list, ort.get_available_providers())
+        if requested != [prov.CPU] and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu[cuda,cudnn] ships CUDA and cuDNN as pip wheels: load them from
+            # site-packages, so the image needs no LD_LIBRARY_PATH for them.
+            ort.preload_dlls()
         # Probe the inputs on the CPU first: the TensorRT profile needs the input names and size.
         probe = _open_session(path, settings, [(prov.CPU, {})])
         inputs = [i.name for i in probe.get_inputs()]

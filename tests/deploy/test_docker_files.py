@@ -1,0 +1,98 @@
+"""Docker and compose files, validated without a Docker engine, and the container's command
+run outside Docker."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import compose
+import httpx
+
+from tests.deploy.conftest import require
+from tests.helpers import ROOT, encode, free_port, render_scene
+
+COMPOSE = os.path.join(os.path.dirname(compose.__file__), "docker-compose")
+
+
+def test_hadolint_is_clean() -> None:
+    result = subprocess.run([require("hadolint"), str(ROOT / "Dockerfile")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def compose_config(profile: str) -> dict[str, object]:
+    # The wrapper script always exits 0: call the real Compose v2 parser directly.
+    result = subprocess.run([COMPOSE, "-f", str(ROOT / "docker-compose.yml"), "--profile",
+                             profile, "config", "--format", "json"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    config: dict[str, object] = json.loads(result.stdout)
+    return config
+
+
+def test_compose_parses_for_each_profile_with_the_right_services() -> None:
+    for profile, detector in (("cpu", "detector-cpu"), ("gpu", "detector-gpu")):
+        services = compose_config(profile)["services"]
+        assert isinstance(services, dict)
+        assert set(services) == {detector, "prometheus", "grafana"}
+        spec = services[detector]
+        assert spec["networks"]["default"]["aliases"] == ["detector"]
+        assert spec["read_only"] is True and "/tmp" in spec["tmpfs"]
+        assert spec["healthcheck"]["test"][-1] == "/app/docker/healthcheck.py"
+        for name, service in services.items():
+            assert "healthcheck" in service, name
+            for dependency in service.get("depends_on", {}):
+                assert "profiles" not in services[dependency], (name, dependency)
+    gpu = compose_config("gpu")["services"]["detector-gpu"]  # type: ignore[index]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"] == [
+        {"capabilities": ["gpu"], "driver": "nvidia", "count": 1}]
+    assert any(v["target"] == "/cache/trt" and v["type"] == "volume" for v in gpu["volumes"])
+
+
+def dockerfile_runtime() -> tuple[dict[str, str], list[str], list[str]]:
+    """ENV, CMD and HEALTHCHECK CMD of the Dockerfile's final stage."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    final = text[text.rindex("FROM "):]
+    env: dict[str, str] = {}
+    for line in final.splitlines():
+        if line.startswith("ENV "):
+            env.update(dict(pair.split("=", 1) for pair in shlex.split(line[4:])))
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", final, re.M).group(1))  # type: ignore[union-attr]
+    health = json.loads(re.search(r"HEALTHCHECK .*CMD (\[.*\])", final).group(1))  # type: ignore[union-attr]
+    return env, cmd, health
+
+
+def test_container_command_env_and_healthcheck_work_outside_docker(tmp_path: Path) -> None:
+    env, cmd, health = dockerfile_runtime()
+    assert cmd == ["python", "-m", "app"]
+    # The image's layout, mapped onto the checkout: /app is the repository root.
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DFINE_")}
+    environment.update({k: v.replace("/app/", f"{ROOT}/") for k, v in env.items()})
+    environment["DFINE_TRT_CACHE_DIR"] = str(tmp_path / "trt")
+    port = free_port()  # the only change: 8000 may be taken on a shared machine
+    environment["DFINE_PORT"] = str(port)
+    probe = [sys.executable if health[0] == "python" else health[0],
+             *[a.replace("/app/", f"{ROOT}/") for a in health[1:]]]
+    assert subprocess.run(probe, env=environment).returncode == 1  # nothing listening yet
+    process = subprocess.Popen([sys.executable, *cmd[1:]], cwd=ROOT, env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            if subprocess.run(probe, env=environment).returncode == 0:
+                break
+            assert process.poll() is None, "the container command exited"
+        else:
+            raise AssertionError("the healthcheck never passed")
+        image = encode(render_scene(3)[0])
+        response = httpx.post(f"http://127.0.0.1:{port}/detect", content=image,
+                              headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert response.status_code == 200 and response.json()["detections"]
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
