@@ -80,6 +80,12 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from app.bench.cli import main as bench  # only the bench needs its modules
+
+        bench(argv[1:])
+        return
     try:
         settings = settings_from_args(argv)
     except ValueError as exc:  # pydantic's ValidationError

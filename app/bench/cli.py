@@ -1,0 +1,320 @@
+"""``dfine-serve bench``: measure the service beside its in-process ceiling and a plain peer.
+
+By default it starts each server itself on a free loopback port (the service with the given
+flags, the peer from app/bench/peer.py), sweeps concurrencies in a closed loop, interleaving the
+targets at each level so that a noisy machine drifts all of them alike, and writes JSON results
+and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from app.bench.ceiling import ceiling_loop, single_call_ms
+from app.bench.images import folder_images, synthetic_jpegs
+from app.bench.load import closed_loop, fetch, open_loop
+from app.bench.plot import write_plot
+from app.bench.stats import RunResult, Sample, summarize
+from app.config import DEFAULT_MODEL_PATH, Settings
+
+
+class ProgressBar:
+    """Requests done, on one stderr line."""
+
+    def __init__(self, label: str, expected_s: float) -> None:
+        self.label, self.expected_s = label, expected_s
+        self.count, self.started, self.shown = 0, time.perf_counter(), 0.0
+
+    def __call__(self, n: int) -> None:
+        self.count += n
+        now = time.perf_counter()
+        if now - self.shown > 0.25:
+            self.shown = now
+            elapsed = now - self.started
+            filled = min(20, int(20 * elapsed / self.expected_s))
+            sys.stderr.write(f"\r{self.label:<28} [{'#' * filled}{'.' * (20 - filled)}] "
+                             f"{self.count} requests, {self.count / max(elapsed, 1e-9):.1f}/s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\r" + " " * 90 + "\r")
+        sys.stderr.flush()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Started:
+    url: str
+    process: subprocess.Popen[bytes] | None
+
+
+@contextlib.contextmanager
+def _server(command: list[str], port: int, ready_path: str, name: str) -> Iterator[Started]:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                error = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                raise RuntimeError(f"{name} exited with {process.returncode}: {error[-2000:]}")
+            with contextlib.suppress(OSError, RuntimeError):
+                asyncio.run(fetch(url + ready_path))
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not become ready")
+            time.sleep(0.2)
+        yield Started(url, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def _service_metrics(url: str) -> str:
+    return (await fetch(url + "/metrics")).decode()
+
+
+async def _measure_service(url: str, bodies: list[bytes], concurrency: int, duration_s: float,
+                           headers: dict[str, str], rate: float | None = None) -> RunResult:
+    before = await _service_metrics(url)
+    peak_rss = _metric(before, "process_resident_memory_bytes")
+    stop = asyncio.Event()
+
+    async def watch_rss() -> None:
+        nonlocal peak_rss
+        while not stop.is_set():
+            with contextlib.suppress(OSError, RuntimeError):
+                text = await _service_metrics(url)
+                peak_rss = max(peak_rss, _metric(text, "process_resident_memory_bytes"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+    watcher = asyncio.create_task(watch_rss())
+    label = f"service c={concurrency}" if rate is None else f"service {rate:g} req/s"
+    bar = ProgressBar(label, duration_s)
+    samples: list[Sample]
+    if rate is None:
+        samples, elapsed = await closed_loop(url + "/detect", bodies, concurrency, duration_s,
+                                             headers, bar)
+    else:
+        samples, elapsed = await open_loop(url + "/detect", bodies, rate, duration_s, headers,
+                                           progress=bar)
+    bar.close()
+    stop.set()
+    await watcher
+    after = await _service_metrics(url)
+    result = summarize("service", "closed" if rate is None else "open",
+                       concurrency if rate is None else rate, samples, elapsed)
+    images = _metric(after, "dfine_images_total") - _metric(before, "dfine_images_total")
+    batches = _metric(after, "dfine_batch_size_count") - _metric(before, "dfine_batch_size_count")
+    result.avg_batch_size = round(images / batches, 2) if batches else None
+    result.rss_mb = round(peak_rss / 1e6, 1)
+    return result
+
+
+async def _measure_peer(url: str, bodies: list[bytes], concurrency: int, duration_s: float
+                        ) -> RunResult:
+    bar = ProgressBar(f"peer c={concurrency}", duration_s)
+    samples, elapsed = await closed_loop(url + "/detect", bodies, concurrency, duration_s,
+                                         progress=bar)
+    bar.close()
+    result = summarize("peer", "closed", concurrency, samples, elapsed)
+    result.avg_batch_size = 1.0
+    return result
+
+
+async def _measure_ceiling(settings: Settings, bodies: list[bytes], concurrency: int,
+                           duration_s: float, instances: list[int]) -> RunResult:
+    """The best of the in-process configurations tried (engine runs in flight)."""
+    best: RunResult | None = None
+    for count in instances:
+        bar = ProgressBar(f"ceiling c={concurrency} i={count}", duration_s)
+        tuned = settings.model_copy(update={"instances": count})
+        samples, elapsed, avg_batch = await ceiling_loop(tuned, bodies, concurrency, duration_s,
+                                                         bar)
+        bar.close()
+        result = summarize("ceiling", "closed", concurrency, samples, elapsed)
+        result.avg_batch_size = round(avg_batch, 2)
+        result.extra = {"instances": count}
+        if best is None or result.throughput_rps > best.throughput_rps:
+            best = result
+    assert best is not None
+    return best
+
+
+def _table(results: list[RunResult]) -> str:
+    lines = ["| target | load | req/s | p50 ms | p90 ms | p99 ms | max ms | avg batch | errors |"
+             " RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        load = f"c={r.load:g}" if r.mode == "closed" else f"{r.load:g} req/s"
+        lat = r.latency_ms
+        lines.append(
+            f"| {r.target} | {load} | {r.throughput_rps:.1f} | {lat['p50']:.1f} | "
+            f"{lat['p90']:.1f} | {lat['p99']:.1f} | {lat['max']:.1f} | "
+            f"{r.avg_batch_size if r.avg_batch_size is not None else '-'} | "
+            f"{json.dumps(r.errors) if r.errors else '-'} | "
+            f"{r.rss_mb if r.rss_mb is not None else '-'} |")
+    return "\n".join(lines)
+
+
+def _ratios(results: list[RunResult]) -> dict[str, dict[str, float]]:
+    by = {(r.target, r.load): r for r in results if r.mode == "closed"}
+    ratios: dict[str, dict[str, float]] = {}
+    for (target, load), service in by.items():
+        if target != "service":
+            continue
+        entry = {}
+        for other in ("ceiling", "peer"):
+            if (other, load) in by and by[(other, load)].throughput_rps:
+                entry[f"service/{other}"] = round(
+                    service.throughput_rps / by[(other, load)].throughput_rps, 3)
+        ratios[f"c={load:g}"] = entry
+    return ratios
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dfine-serve bench", description=__doc__)
+    p.add_argument("--url", help="bench a running service instead of starting one")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
+    p.add_argument("--service-args", default="",
+                   help="flags for the service the bench starts, e.g. '--instances 2'")
+    p.add_argument("--concurrency", default="1,8,32", help="closed-loop sweep, comma list")
+    p.add_argument("--rate", type=float, action="append", default=[],
+                   help="also an open loop at this many requests/s (Poisson); repeatable")
+    p.add_argument("--duration-s", type=float, default=10.0, help="per measurement")
+    p.add_argument("--images", type=Path, help="folder of images (default: synthetic JPEGs)")
+    p.add_argument("--count", type=int, default=16, help="synthetic images to generate")
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--no-ceiling", action="store_true")
+    p.add_argument("--ceiling-instances", default="1,2",
+                   help="engine runs in flight to try for the ceiling; the best counts")
+    p.add_argument("--overload", type=int, default=0, metavar="C",
+                   help="also run C clients against a service with --max-queue "
+                        "OVERLOAD_QUEUE (e.g. 64)")
+    p.add_argument("--overload-queue", type=int, default=8)
+    p.add_argument("--api-key", help="sent as X-API-Key")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    return p
+
+
+def _settings_for(model: Path, service_args: str) -> Settings:
+    from app.cli import settings_from_args  # the service's own flag parser
+
+    return settings_from_args(["--model-path", str(model), *shlex.split(service_args)])
+
+
+async def _run(args: argparse.Namespace, service_url: str | None, peer_url: str | None,
+               bodies: list[bytes], settings: Settings) -> list[RunResult]:
+    headers = {"X-API-Key": args.api_key} if args.api_key else {}
+    results: list[RunResult] = []
+    instances = [int(v) for v in args.ceiling_instances.split(",") if v]
+    for concurrency in [int(v) for v in args.concurrency.split(",") if v]:
+        first = len(results)
+        if service_url:
+            results.append(await _measure_service(service_url, bodies, concurrency,
+                                                  args.duration_s, headers))
+        if peer_url:
+            results.append(await _measure_peer(peer_url, bodies, concurrency, args.duration_s))
+        if not args.no_ceiling:
+            results.append(await _measure_ceiling(settings, bodies, concurrency,
+                                                  args.duration_s, instances))
+        for line in _table(results[first:]).splitlines()[2:]:
+            print(line, flush=True)
+    if service_url:
+        for rate in args.rate:
+            results.append(await _measure_service(service_url, bodies, 0, args.duration_s,
+                                                  headers, rate=rate))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    bodies = (folder_images(args.images, args.count) if args.images
+              else synthetic_jpegs(args.count, args.width, args.height))
+    settings = _settings_for(args.model, args.service_args)
+    python = sys.executable
+    with contextlib.ExitStack() as stack:
+        service_url = args.url
+        if service_url is None:
+            port = _free_port()
+            service_url = stack.enter_context(_server(
+                [python, "-m", "app", "--model-path", str(args.model), "--port", str(port),
+                 "--log-level", "warning", *shlex.split(args.service_args)],
+                port, "/readyz", "service")).url
+        peer_url = None
+        if not args.no_peer:
+            port = _free_port()
+            peer_url = stack.enter_context(_server(
+                [python, "-m", "app.bench.peer", "--model", str(args.model), "--port",
+                 str(port)], port, "/docs", "peer")).url
+        idle = asyncio.run(_service_metrics(service_url))
+        idle_rss_mb = round(_metric(idle, "process_resident_memory_bytes") / 1e6, 1)
+        results = asyncio.run(_run(args, service_url, peer_url, bodies, settings))
+    single_ms = asyncio.run(single_call_ms(settings, bodies[0]))
+    if args.overload:
+        port = _free_port()
+        with _server([python, "-m", "app", "--model-path", str(args.model), "--port",
+                      str(port), "--log-level", "warning", "--max-queue",
+                      str(args.overload_queue), *shlex.split(args.service_args)],
+                     port, "/readyz", "service (overload)") as overloaded:
+            result = asyncio.run(_measure_service(overloaded.url, bodies, args.overload,
+                                                  args.duration_s, {}))
+        result.target = "service-overload"
+        result.extra = {"max_queue": args.overload_queue}
+        results.append(result)
+
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "onnxruntime": ort.__version__},
+        "model": str(args.model), "service_args": args.service_args,
+        "images": {"count": len(bodies), "source": str(args.images or "synthetic"),
+                   "size": None if args.images else f"{args.width}x{args.height}"},
+        "duration_s": args.duration_s,
+        "single_inprocess_call_ms": round(single_ms, 2),
+        "idle_rss_mb": idle_rss_mb,
+        "ratios": _ratios(results),
+        "results": [r.as_dict() for r in results],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot = write_plot(results, args.out / "bench.png")
+    print(_table(results))
+    print(f"single in-process call: {single_ms:.1f} ms; idle RSS {idle_rss_mb} MB")
+    print("ratios: " + json.dumps(report["ratios"]))
+    print(f"wrote {args.out / 'bench.json'} and {plot}")

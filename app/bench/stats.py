@@ -1,0 +1,56 @@
+"""Results of a load run: samples in, throughput and latency percentiles out."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Sample:
+    status: int  # HTTP status; 0 for a transport error
+    latency_s: float
+
+
+@dataclass
+class RunResult:
+    target: str  # service, peer or ceiling
+    mode: str  # closed or open
+    load: float  # concurrency, or requests per second offered
+    duration_s: float
+    requests: int
+    ok: int
+    throughput_rps: float  # successful requests per second
+    images_per_s: float
+    latency_ms: dict[str, float]  # of successful requests: p50, p90, p99, max
+    errors: dict[str, int]  # by status
+    error_latency_ms_p99: float | None = None  # how fast refusals came back
+    avg_batch_size: float | None = None
+    rss_mb: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(target: str, mode: str, load: float, samples: list[Sample], duration_s: float,
+              images_per_request: int = 1) -> RunResult:
+    ok = [s.latency_s for s in samples if s.status == 200]
+    failed = [s for s in samples if s.status != 200]
+    latencies = np.asarray(ok) * 1000 if ok else np.asarray([np.nan])
+    percentiles = {f"p{q}": round(float(np.percentile(latencies, q)), 2) for q in (50, 90, 99)}
+    percentiles["max"] = round(float(np.max(latencies)), 2)
+    error_p99 = (round(float(np.percentile([s.latency_s * 1000 for s in failed], 99)), 2)
+                 if failed else None)
+    return RunResult(
+        target=target, mode=mode, load=load, duration_s=round(duration_s, 3),
+        requests=len(samples), ok=len(ok),
+        throughput_rps=round(len(ok) / duration_s, 2),
+        images_per_s=round(len(ok) * images_per_request / duration_s, 2),
+        latency_ms=percentiles,
+        errors={str(k): v for k, v in sorted(Counter(s.status for s in failed).items())},
+        error_latency_ms_p99=error_p99,
+    )
