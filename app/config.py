@@ -28,13 +28,18 @@ class Settings(BaseSettings):
     trt_fp16: bool = Field(True, description="TensorRT: build FP16 engines")
     trt_cache_dir: Path = Field(Path("/tmp/dfine-trt-cache"),
                                 description="TensorRT engine and timing cache")
-    intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per run; 0: all cores")
-    max_batch_size: int = Field(8, ge=1, le=256, description="images per engine run, at most")
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime threads per run; 0: auto (cores / instances on CPU)")
+    max_batch_size: int = Field(
+        0, ge=0, le=256, description="images per engine run, at most; 0: auto (1 on CPU, 8 on "
+        "GPU)")
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000,
         description="how long a batch may wait to fill while the engine is busy")
     max_queue: int = Field(64, ge=1, description="images waiting for the engine, at most")
-    instances: int = Field(1, ge=1, le=16, description="engine runs in flight at once")
+    instances: int = Field(
+        0, ge=0, le=16, description="engine runs in flight at once; 0: auto (one per core on "
+        "CPU, 1 on GPU)")
     decode_workers: int = Field(0, ge=0, description="decode/resize threads; 0: one per core")
     request_timeout_s: float = Field(10.0, gt=0, description="deadline to start a request's batch")
     score_threshold: float = Field(0.5, ge=0, le=1, description="default score threshold")

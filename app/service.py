@@ -56,18 +56,18 @@ class Detector:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
-        self.max_batch_size = engine.max_batch_size(settings.max_batch_size)
+        self.max_batch_size = engine.parallel.max_batch_size
         self.decode_workers = settings.decode_workers or os.cpu_count() or 1
         self._decode_pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
         self.batcher: DynamicBatcher[PreparedImage, _Row] = DynamicBatcher(
             self._run_batch, max_batch_size=self.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000, max_queue=settings.max_queue,
-            instances=settings.instances, observer=metrics)
+            instances=engine.parallel.instances, observer=metrics)
         # Requests admitted at once (each holding its upload, then its decoded image): enough
         # to keep the queue and every engine instance full, and no more. This is what bounds
         # memory: see the README's "Memory" section.
         self.max_admitted = (settings.max_queue + self.decode_workers
-                             + settings.instances * self.max_batch_size)
+                             + engine.parallel.instances * self.max_batch_size)
         self._admitted = 0
         self.accepting = True
 

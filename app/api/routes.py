@@ -145,6 +145,6 @@ async def model(detector: DetectorDep) -> ModelResponse:
         fixed_batch=info.fixed_batch, resize=info.resize, classes=info.labels,
         batching=BatchingInfo(
             max_batch_size=detector.max_batch_size, max_delay_ms=settings.max_delay_ms,
-            max_queue=settings.max_queue, instances=settings.instances,
+            max_queue=settings.max_queue, instances=detector.engine.parallel.instances,
             request_timeout_s=settings.request_timeout_s),
     )

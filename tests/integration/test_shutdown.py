@@ -19,8 +19,8 @@ def test_sigterm_during_load_finishes_accepted_requests_and_exits_0(tmp_path: Pa
             async with httpx.AsyncClient(timeout=60) as http:
                 accepted = [asyncio.ensure_future(http.post(
                     f"{srv.url}/detect", content=image, headers={"Content-Type": "image/jpeg"}))
-                    for _ in range(16)]
-                await asyncio.sleep(0.3)  # all sent and admitted; most still queued
+                    for _ in range(48)]
+                await asyncio.sleep(0.15)  # all sent and admitted; most still queued
                 srv.process.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.05)
                 ready, late = [], []
@@ -36,7 +36,7 @@ def test_sigterm_during_load_finishes_accepted_requests_and_exits_0(tmp_path: Pa
 
         started = time.monotonic()
         responses, ready, late = asyncio.run(scenario())
-        assert [r.status_code for r in responses] == [200] * 16
+        assert [r.status_code for r in responses] == [200] * 48
         assert all(r.json()["detections"] for r in responses)
         assert set(ready) <= {503} and set(late) <= {503}
         assert ready, "the drain should have been observable"
