@@ -36,16 +36,17 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000,
         description="how long a batch may wait to fill while the engine is busy")
-    max_queue: int = Field(64, ge=1, description="images waiting for the engine, at most")
+    max_queue: int = Field(32, ge=1, description="images waiting for the engine, at most")
     instances: int = Field(
         0, ge=0, le=16, description="engine runs in flight at once; 0: auto (one per core on "
         "CPU, 1 on GPU)")
-    decode_workers: int = Field(0, ge=0, description="decode/resize threads; 0: one per core")
+    decode_workers: int = Field(
+        0, ge=0, description="decode/resize threads; 0: one per core, at most 4")
     request_timeout_s: float = Field(10.0, gt=0, description="deadline to start a request's batch")
     score_threshold: float = Field(0.5, ge=0, le=1, description="default score threshold")
     max_detections: int = Field(100, ge=1, le=300, description="default detections per image")
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body limit")
-    max_pixels: int = Field(40_000_000, ge=1, description="decoded width x height limit")
+    max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body limit")
+    max_pixels: int = Field(25_000_000, ge=1, description="decoded width x height limit")
     max_batch_images: int = Field(16, ge=1, description="images in one /detect/batch request")
     api_key: str | None = Field(None, description="require this key (Bearer or X-API-Key)")
     host: str = Field("127.0.0.1", description="address to bind")

@@ -114,11 +114,37 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode(data: bytes, max_pixels: int) -> UInt8Image:
-    """Bytes -> (h, w, 3) BGR uint8, EXIF orientation applied.
+@dataclass
+class Decoded:
+    image: UInt8Image  # (h, w, 3) BGR; smaller than the original when decoded at reduced scale
+    width: int  # the original's size, EXIF orientation applied
+    height: int
+
+
+_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+            (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def _reduction(data: bytes, size: tuple[int, int] | None, min_side: int | None) -> tuple[int, int]:
+    """(factor, imread flag): the largest JPEG DCT scaling that keeps both sides >= min_side.
+
+    libjpeg-turbo decodes 1/2, 1/4 or 1/8 of a JPEG's resolution for a fraction of the work;
+    never below the model's input, so the resize still only shrinks.
+    """
+    if min_side is None or size is None or data[:2] != b"\xff\xd8":
+        return 1, cv2.IMREAD_COLOR
+    for factor, flag in _REDUCED:
+        if min(size) // factor >= min_side:
+            return factor, flag
+    return 1, cv2.IMREAD_COLOR
+
+
+def decode(data: bytes, max_pixels: int, min_side: int | None = None) -> Decoded:
+    """Bytes -> BGR uint8 image, EXIF orientation applied, and the original size.
 
     Grayscale, RGBA (alpha dropped), 16-bit and palette images become 8-bit BGR. The pixel count
     is checked from the header first, so a decompression bomb is refused before it is decoded.
+    With ``min_side``, a large JPEG is decoded at a reduced scale whose sides stay >= min_side.
     """
     if not data:
         raise InvalidImage("the image is empty (zero bytes)")
@@ -128,14 +154,19 @@ def decode(data: bytes, max_pixels: int) -> UInt8Image:
                             f"{max_pixels} pixels")
     if size is not None and (size[0] == 0 or size[1] == 0):
         raise InvalidImage("the image header declares a zero width or height")
-    image = cast(UInt8Image | None, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+    factor, flag = _reduction(data, size, min_side)
+    image = cast(UInt8Image | None, cv2.imdecode(np.frombuffer(data, np.uint8), flag))
     if image is None or image.size == 0:
         raise InvalidImage()
     height, width = image.shape[:2]
+    if factor > 1 and size is not None:
+        # The header's size, turned if EXIF orientation swapped the sides.
+        swapped = (width > height) != (size[0] > size[1]) and size[0] != size[1]
+        width, height = (size[1], size[0]) if swapped else size
     if width * height > max_pixels:  # formats whose header we do not read
         raise ImageTooLarge(f"the image has {width}x{height} pixels; the limit is "
                             f"{max_pixels} pixels")
-    return image
+    return Decoded(image, width, height)
 
 
 def stretch_resize_rgb(image_bgr: UInt8Image, width: int, height: int) -> UInt8Image:
@@ -174,11 +205,16 @@ def to_chw_float(rgb: UInt8Image, mean: tuple[float, float, float] | None = None
 
 def prepare(image_bgr: UInt8Image, input_width: int, input_height: int, resize: str = "stretch",
             mean: tuple[float, float, float] | None = None,
-            std: tuple[float, float, float] | None = None) -> PreparedImage:
+            std: tuple[float, float, float] | None = None,
+            original_size: tuple[int, int] | None = None) -> PreparedImage:
+    """Model-ready pixels. ``original_size`` (w, h) is the image's size before a reduced-scale
+    decode (stretch only: the model scales its boxes to that size)."""
     height, width = image_bgr.shape[:2]
     if resize == "letterbox":
         rgb, box = letterbox_rgb(image_bgr, input_width, input_height)
         return PreparedImage(to_chw_float(rgb, mean, std), width, height,
                              (input_width, input_height), box)
+    if original_size is not None:
+        width, height = original_size
     rgb = stretch_resize_rgb(image_bgr, input_width, input_height)
     return PreparedImage(to_chw_float(rgb, mean, std), width, height, (width, height))

@@ -57,7 +57,7 @@ class Detector:
         self.settings = settings
         self.metrics = metrics
         self.max_batch_size = engine.parallel.max_batch_size
-        self.decode_workers = settings.decode_workers or os.cpu_count() or 1
+        self.decode_workers = settings.decode_workers or min(os.cpu_count() or 1, 4)
         self._decode_pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
         self.batcher: DynamicBatcher[PreparedImage, _Row] = DynamicBatcher(
             self._run_batch, max_batch_size=self.max_batch_size,
@@ -70,6 +70,17 @@ class Detector:
                              + engine.parallel.instances * self.max_batch_size)
         self._admitted = 0
         self.accepting = True
+
+    @property
+    def memory_bound_bytes(self) -> int:
+        """The most that requests can hold at once, runtime and model aside: every admitted
+        request's upload, a full decode (and its resized copy) in each decode worker, and a
+        model-ready tensor for every admitted image."""
+        info, settings = self.engine.info, self.settings
+        tensor = 3 * info.input_width * info.input_height * 4
+        decoding = settings.max_pixels * 3 + info.input_width * info.input_height * 3
+        return (self.max_admitted * (settings.max_upload_bytes + tensor)
+                + self.decode_workers * decoding)
 
     def start(self) -> None:
         self.batcher.start()
@@ -94,16 +105,21 @@ class Detector:
         started = time.perf_counter()
         info = self.engine.info
         norm = info.normalization
-        image = decode(data, self.settings.max_pixels)
-        prepared = prepare(image, info.input_width, info.input_height, info.resize,
+        stretch = info.resize == "stretch"
+        decoded = decode(data, self.settings.max_pixels,
+                         max(info.input_width, info.input_height) if stretch else None)
+        prepared = prepare(decoded.image, info.input_width, info.input_height, info.resize,
                            None if norm.is_identity else norm.mean,
-                           None if norm.is_identity else norm.std)
+                           None if norm.is_identity else norm.std,
+                           (decoded.width, decoded.height) if stretch else None)
         self.metrics.preprocess.observe(time.perf_counter() - started)
         return prepared
 
     def _run_batch(self, items: list[PreparedImage]) -> list[_Row]:
         started = time.perf_counter()
-        images = np.stack([item.pixels for item in items])
+        # One image (the CPU default) needs no copy into a batch array: a view will do.
+        images = items[0].pixels[None] if len(items) == 1 else np.stack(
+            [item.pixels for item in items])
         sizes = np.asarray([item.target_size_wh for item in items], np.int64)
         out = self.engine.run(images, sizes)
         finished = time.perf_counter()
@@ -114,6 +130,7 @@ class Detector:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         prepared = await loop.run_in_executor(self._decode_pool, self._prepare, data)
+        del data  # a queued request holds its small tensor only, not its upload
         queued = time.perf_counter()
         row = await self.batcher.submit(prepared, self.settings.request_timeout_s)
         detections = select(

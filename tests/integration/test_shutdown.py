@@ -14,7 +14,7 @@ from tests.helpers import encode, render_scene, run_server
 
 def test_sigterm_during_load_finishes_accepted_requests_and_exits_0(tmp_path: Path) -> None:
     image = encode(render_scene(9)[0])
-    with run_server(tmp_path, "--max-batch-size", "2") as srv:
+    with run_server(tmp_path, "--max-batch-size", "2", "--max-queue", "64") as srv:
         async def scenario() -> tuple[list[httpx.Response], list[int], list[int]]:
             async with httpx.AsyncClient(timeout=60) as http:
                 accepted = [asyncio.ensure_future(http.post(

@@ -23,9 +23,11 @@ def pil_reference(image_bgr: np.ndarray) -> np.ndarray:
     return np.asarray(pil.resize((SIZE, SIZE), Image.Resampling.BILINEAR))
 
 
-def detect(session: ort.InferenceSession, rgb: np.ndarray, width: int, height: int
+def detect(session: ort.InferenceSession, image: np.ndarray, width: int, height: int
            ) -> list[tuple[int, tuple[float, ...], float]]:
-    pixels = rgb.transpose(2, 0, 1)[None].astype(np.float32) / 255
+    """Detections for (H, W, 3) uint8 RGB, or (3, H, W) float32 model-ready pixels."""
+    pixels = (image if image.dtype == np.float32 else
+              image.transpose(2, 0, 1).astype(np.float32) / 255)[None]
     labels, boxes, scores = session.run(
         None, {"images": pixels, "orig_target_sizes": np.asarray([[width, height]], np.int64)})
     found = select(labels[0], boxes[0], scores[0], width, height, None, 0.5, 100)
@@ -76,7 +78,7 @@ def test_header_size_reads_every_supported_format(fmt: str) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (123, 45), (10, 20, 30)).save(buffer, fmt)
     assert header_size(buffer.getvalue()) == (123, 45)
-    assert decode(buffer.getvalue(), 10_000).shape == (45, 123, 3)
+    assert decode(buffer.getvalue(), 10_000).image.shape == (45, 123, 3)
 
 
 def test_decompression_bomb_is_refused_from_the_header() -> None:
@@ -100,11 +102,11 @@ def test_awkward_images_become_8bit_bgr() -> None:
     for array in (gray16, rgba, np.zeros((48, 64), np.uint8)):
         ok, png = cv2.imencode(".png", array)
         assert ok
-        out = decode(png.tobytes(), 10_000)
+        out = decode(png.tobytes(), 10_000).image
         assert out.shape == (48, 64, 3) and out.dtype == np.uint8
     palette = io.BytesIO()
     Image.new("P", (64, 48), 3).save(palette, "PNG")
-    assert decode(palette.getvalue(), 10_000).shape == (48, 64, 3)
+    assert decode(palette.getvalue(), 10_000).image.shape == (48, 64, 3)
 
 
 def test_exif_orientation_is_applied() -> None:
@@ -113,4 +115,40 @@ def test_exif_orientation_is_applied() -> None:
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     buffer = io.BytesIO()
     pil.save(buffer, "JPEG", exif=exif.tobytes())
-    assert decode(buffer.getvalue(), 10_000).shape == (60, 20, 3)
+    decoded = decode(buffer.getvalue(), 10_000)
+    assert decoded.image.shape == (60, 20, 3) and (decoded.width, decoded.height) == (20, 60)
+
+
+def test_reduced_scale_jpeg_decode_keeps_size_and_detections() -> None:
+    """A large JPEG decoded at 1/2 or 1/4 scale (never below the model input) gives the same
+    confident detections as the full decode, with boxes in the original's pixels."""
+    session = ort.InferenceSession(str(DEFAULT_MODEL), providers=["CPUExecutionProvider"])
+    for seed, scale in ((3, 2.5), (11, 4.0), (19, 3.0)):
+        small, _ = render_scene(seed)
+        big = cv2.resize(small, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+        data = encode(big)
+        full = decode(data, 100_000_000)
+        reduced = decode(data, 100_000_000, min_side=SIZE)
+        assert (reduced.width, reduced.height) == (full.width, full.height) == (
+            big.shape[1], big.shape[0])
+        assert min(reduced.image.shape[:2]) >= SIZE
+        assert reduced.image.shape[0] <= full.image.shape[0] // 2 + 1  # really reduced
+        w, h = full.width, full.height
+        a = detect(session, prepare(full.image, SIZE, SIZE).pixels, w, h)
+        b = detect(session, prepare(reduced.image, SIZE, SIZE, original_size=(w, h)).pixels,
+                   w, h)
+        assert a
+        for label, box, score in a:
+            if score >= 0.6:
+                assert any(la == label and box_iou(box, bb) > 0.9 for la, bb, _ in b)
+
+
+def test_reduced_decode_keeps_the_original_size_of_exif_rotated_jpegs() -> None:
+    pil = Image.new("RGB", (1600, 700), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    pil.save(buffer, "JPEG", exif=exif.tobytes())
+    decoded = decode(buffer.getvalue(), 10_000_000, min_side=320)
+    assert (decoded.width, decoded.height) == (700, 1600)
+    assert decoded.image.shape[:2] == (800, 350)
