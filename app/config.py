@@ -42,6 +42,9 @@ class Settings(BaseSettings):
         "CPU, 1 on GPU)")
     decode_workers: int = Field(
         0, ge=0, description="decode/resize threads; 0: one per core, at most 4")
+    admission_wait_ms: float = Field(
+        100.0, ge=0, le=10_000,
+        description="when full, how long a request may wait for room before its 503")
     request_timeout_s: float = Field(10.0, gt=0, description="deadline to start a request's batch")
     score_threshold: float = Field(0.5, ge=0, le=1, description="default score threshold")
     max_detections: int = Field(100, ge=1, le=300, description="default detections per image")

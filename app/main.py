@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.admission import DETECT_PATHS, AdmissionGate
 from app.api.deps import AppState
 from app.api.errors import install_error_handlers
 from app.api.routes import protected, router
@@ -49,8 +50,9 @@ async def _load(state: AppState, engine: OnnxEngine | None) -> None:
 
 def _endpoint(scope: Scope) -> str:
     """The route's path template (bounded label values), or 'other' for unknown paths."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
+    path = getattr(scope.get("route"), "path", None)
+    if path is None and scope.get("path") in DETECT_PATHS:  # refused by the gate: no route
+        path = scope["path"]
     return str(path) if path else "other"
 
 
@@ -85,7 +87,8 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(protected)
 
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(AdmissionGate, state=state)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees refusals too
     return app
 
 

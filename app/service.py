@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,6 +23,8 @@ from app.errors import NotReady, Overloaded
 from app.imaging import PreparedImage, decode, prepare
 from app.metrics import Metrics
 from app.postprocess import Detection, select
+
+MAX_ROOM_WAITERS = 256
 
 
 @dataclass(frozen=True)
@@ -59,16 +61,19 @@ class Detector:
         self.max_batch_size = engine.parallel.max_batch_size
         self.decode_workers = settings.decode_workers or min(os.cpu_count() or 1, 4)
         self._decode_pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
-        self.batcher: DynamicBatcher[PreparedImage, _Row] = DynamicBatcher(
-            self._run_batch, max_batch_size=self.max_batch_size,
-            max_delay_s=settings.max_delay_ms / 1000, max_queue=settings.max_queue,
-            instances=engine.parallel.instances, observer=metrics)
         # Requests admitted at once (each holding its upload, then its decoded image): enough
         # to keep the queue and every engine instance full, and no more. This is what bounds
         # memory: see the README's "Memory" section.
         self.max_admitted = (settings.max_queue + self.decode_workers
                              + engine.parallel.instances * self.max_batch_size)
+        # The batcher's own bound never refuses an admitted request: refusing after the upload
+        # was read and decoded would waste what admission exists to save.
+        self.batcher: DynamicBatcher[PreparedImage, _Row] = DynamicBatcher(
+            self._run_batch, max_batch_size=self.max_batch_size,
+            max_delay_s=settings.max_delay_ms / 1000, max_queue=self.max_admitted,
+            instances=engine.parallel.instances, observer=metrics)
         self._admitted = 0
+        self._room_waiters: deque[asyncio.Future[None]] = deque()
         self.accepting = True
 
     @property
@@ -88,18 +93,40 @@ class Detector:
     def warm_up(self) -> None:
         self.engine.warm_up(list(range(1, self.max_batch_size + 1)))
 
-    @contextlib.contextmanager
-    def admit(self, images: int = 1) -> Iterator[None]:
-        """Hold a place for ``images`` images, or refuse with Overloaded before reading more."""
+    async def acquire(self, images: int, wait_s: float) -> None:
+        """Hold places for ``images`` images for one request, or raise Overloaded (NotReady when
+        draining). Release them with ``release``.
+
+        When full, a one-image request may wait up to ``wait_s`` (without CPU) for a place,
+        handed over in arrival order by ``release``; at most MAX_ROOM_WAITERS wait, each holding
+        only what uvicorn buffered of its body (its flow control stops near 64 KiB). Under
+        overload, clients that retry at once otherwise turn refusals into the main load.
+        """
         if not self.accepting:
             raise NotReady()
-        if self._admitted + images > self.max_admitted:
+        if self._admitted + images <= self.max_admitted and not self._room_waiters:
+            self._admitted += images
+            return
+        if images > 1 or wait_s <= 0 or len(self._room_waiters) >= MAX_ROOM_WAITERS:
             raise Overloaded(retry_after_s=1)
-        self._admitted += images
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(waiter)
         try:
-            yield
-        finally:
-            self._admitted -= images
+            await asyncio.wait_for(waiter, wait_s)  # on success the place is already ours
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled():  # granted just as time ran out
+                self.release(1)
+            with contextlib.suppress(ValueError):
+                self._room_waiters.remove(waiter)
+            raise Overloaded(retry_after_s=1) from None
+
+    def release(self, images: int) -> None:
+        self._admitted -= images
+        while self._room_waiters and self._admitted < self.max_admitted:
+            waiter = self._room_waiters.popleft()  # the longest waiting first
+            if not waiter.done():
+                self._admitted += 1  # handed over: a newcomer cannot take it first
+                waiter.set_result(None)
 
     def _prepare(self, data: bytes) -> PreparedImage:
         started = time.perf_counter()

@@ -93,10 +93,10 @@ def _json(body: dict[str, Any]) -> Response:
 async def detect(request: Request, detector: DetectorDep, params: ParamsDep) -> Response:
     """One image as multipart part `image`, or as the raw body (`image/*`,
     `application/octet-stream`). Boxes are in the original image's pixels."""
-    with detector.admit():
-        # No local keeps the upload: once decoded, only its small tensor waits in the queue.
-        upload = read_image(request, detector.settings.max_upload_bytes)
-        result = await _until_disconnect(request, detector.detect(await upload, params))
+    # Admitted by the AdmissionGate. No local keeps the upload: once decoded, only its small
+    # tensor waits in the queue.
+    upload = read_image(request, detector.settings.max_upload_bytes)
+    result = await _until_disconnect(request, detector.detect(await upload, params))
     return _json(_result_body(detector.engine.info.name, result))
 
 
@@ -106,13 +106,12 @@ async def detect_batch(request: Request, detector: DetectorDep, params: ParamsDe
                        ) -> Response:
     """Several multipart parts `images`; one result per image, in the order sent."""
     settings = detector.settings
-    with detector.admit(settings.max_batch_images):
-        images = await read_images(request, settings.max_upload_bytes, settings.max_batch_images)
+    images = await read_images(request, settings.max_upload_bytes, settings.max_batch_images)
 
-        async def all_images() -> list[DetectResult]:
-            return list(await asyncio.gather(*(detector.detect(d, params) for d in images)))
+    async def all_images() -> list[DetectResult]:
+        return list(await asyncio.gather(*(detector.detect(d, params) for d in images)))
 
-        results = await _until_disconnect(request, all_images())
+    results = await _until_disconnect(request, all_images())
     name = detector.engine.info.name
     return _json({"model": name, "results": [_result_body(name, r) for r in results]})
 

@@ -1,0 +1,34 @@
+"""`dfine-serve bench` end to end, briefly: it starts the service and the peer, measures, and
+writes its JSON and plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+
+from app.cli import main
+
+
+def test_bench_writes_results_with_ratios_and_a_plot(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    main(["bench", "--concurrency", "1,4", "--duration-s", "1.5", "--count", "4",
+          "--ceiling-instances", "1", "--rate", "10", "--overload", "8", "--overload-queue", "1",
+          "--out", str(out)])
+    report = json.loads((out / "bench.json").read_text())
+    results = report["results"]
+    targets = {(r["target"], r["mode"], r["load"]) for r in results}
+    for target in ("service", "peer", "ceiling"):
+        assert {(target, "closed", 1), (target, "closed", 4)} <= targets
+    assert ("service", "open", 10) in targets
+    for r in results:
+        assert r["throughput_rps"] > 0 and r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+    service = next(r for r in results if r["target"] == "service" and r["load"] == 4)
+    assert service["avg_batch_size"] >= 1 and service["rss_mb"] > 50
+    overload = next(r for r in results if r["target"] == "service-overload")
+    assert set(overload["errors"]) <= {"503"}
+    assert set(report["ratios"]["c=4"]) == {"service/ceiling", "service/peer"}
+    assert report["single_inprocess_call_ms"] > 0 and report["idle_rss_mb"] > 50
+    plot = cv2.imread(str(out / "bench.png"))
+    assert plot is not None and plot.shape[1] > 500
