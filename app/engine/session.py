@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ class Parallelism:
     instances: int  # engine runs in flight
     threads: int  # onnxruntime intra-op threads per run; 0: onnxruntime's default
     max_batch_size: int
+    solo_threads: int = 0  # threads of a run that has the CPU to itself; 0: no such session
 
 
 def parallelism(settings: Settings, providers: list[str], fixed_batch: int | None
@@ -117,7 +119,9 @@ def parallelism(settings: Settings, providers: list[str], fixed_batch: int | Non
     Measured here (2 cores, D-FINE-N at 320, in-process, `dfine-serve bench`): on a CPU, runs
     that each use one core beat one run spread over both (2 x 1 thread: 72-76 images/s; 1 x 2
     threads: 60), and batching does not pay (batch 1: 76, 2: 73, 4: 72, 8: 65 images/s) while
-    it costs memory and latency. On a GPU a batch uses the device far better than one image,
+    it costs memory and latency. One thread a run is slow for a lone request, though (27 ms
+    against 18 with both cores), so a run that starts while no other is running uses a second
+    session with all the cores. On a GPU a batch uses the device far better than one image,
     and one run at a time keeps it busy while the next batch forms.
     """
     cores = os.cpu_count() or 1
@@ -125,15 +129,18 @@ def parallelism(settings: Settings, providers: list[str], fixed_batch: int | Non
     instances = settings.instances or (cores if on_cpu else 1)
     threads = settings.intra_op_threads or (max(1, cores // instances) if on_cpu else 0)
     batch = fixed_batch or settings.max_batch_size or (1 if on_cpu else 8)
-    return Parallelism(instances, threads, batch)
+    solo = cores if on_cpu and not settings.intra_op_threads and threads < cores else 0
+    return Parallelism(instances, threads, batch, solo)
 
 
-def _open_session(path: Path, threads: int, specs: list[prov.ProviderSpec]
-                  ) -> ort.InferenceSession:
+def _open_session(path: Path, threads: int, specs: list[prov.ProviderSpec],
+                  spin: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:  # idle pool threads sleep instead of spinning on cores others need
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     names = [name for name, _ in specs]
     try:
@@ -147,13 +154,18 @@ def _open_session(path: Path, threads: int, specs: list[prov.ProviderSpec]
 
 
 class OnnxEngine:
-    """One onnxruntime session; ``run`` is thread-safe (onnxruntime sessions are)."""
+    """An onnxruntime session (and on a CPU, a second one for lone runs); ``run`` is
+    thread-safe (onnxruntime sessions are)."""
 
     def __init__(self, session: ort.InferenceSession, info: ModelInfo,
-                 parallel: Parallelism | None = None) -> None:
+                 parallel: Parallelism | None = None,
+                 solo_session: ort.InferenceSession | None = None) -> None:
         self.session = session
+        self.solo_session = solo_session
         self.info = info
         self.parallel = parallel or Parallelism(1, 0, info.fixed_batch or 1)
+        self._running = 0
+        self._running_lock = threading.Lock()
         self._inputs = [i.name for i in session.get_inputs()]
         self._outputs = [o.name for o in session.get_outputs()]
         self._logits_name = next((n for n in RAW_LOGITS_OUTPUTS if n in self._outputs), "")
@@ -223,11 +235,16 @@ class OnnxEngine:
                  "%d instance(s) x %s thread(s), batches of up to %d", path, layout, width,
                  height, fixed_batch or "dynamic", len(labels) if labels else "unnamed", in_use,
                  parallel.instances, parallel.threads or "default", parallel.max_batch_size)
-        return cls(session, info, parallel)
+        solo = (_open_session(path, parallel.solo_threads, [(prov.CPU, {})], spin=True)
+                if parallel.solo_threads else None)
+        return cls(session, info, parallel, solo)
 
-    def run(self, images: npt.NDArray[np.float32], sizes_wh: npt.NDArray[np.int64]
-            ) -> Detections:
-        """images (n, 3, H, W) float32; sizes_wh (n, 2) int64 -> detections for n images."""
+    def run(self, images: npt.NDArray[np.float32], sizes_wh: npt.NDArray[np.int64],
+            may_use_all_cores: bool = True) -> Detections:
+        """images (n, 3, H, W) float32; sizes_wh (n, 2) int64 -> detections for n images.
+
+        ``may_use_all_cores``: the caller expects no other run soon (nothing queued), so a run
+        with no other in flight may take the solo session's threads."""
         n = images.shape[0]
         fixed = self.info.fixed_batch
         if fixed is not None and n < fixed:  # pad a fixed-batch model's input
@@ -236,19 +253,30 @@ class OnnxEngine:
             sizes_wh = np.concatenate([sizes_wh, np.ones((fixed - n, 2), sizes_wh.dtype)])
         if self.info.layout == "official":
             feeds: dict[str, np.ndarray] = {"images": images, "orig_target_sizes": sizes_wh}
-            labels, boxes, scores = self._run(feeds, list(OFFICIAL_OUTPUTS))
+            labels, boxes, scores = self._run(feeds, list(OFFICIAL_OUTPUTS), may_use_all_cores)
         else:
             logits, raw_boxes = self._run({self._inputs[0]: images},
-                                          [self._logits_name, RAW_BOXES_OUTPUT])
+                                          [self._logits_name, RAW_BOXES_OUTPUT],
+                                          may_use_all_cores)
             labels, boxes, scores = raw_head_to_official(logits, raw_boxes, sizes_wh, TOP_K)
         return Detections(labels[:n].astype(np.int64, copy=False),
                           boxes[:n].astype(np.float32, copy=False),
                           scores[:n].astype(np.float32, copy=False))
 
-    def _run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[Any]:
-        if self._bind_device is None:
-            return list(self.session.run(names, feeds))
-        return run_with_binding(self.session, feeds, names, self._bind_device)
+    def _run(self, feeds: dict[str, np.ndarray], names: list[str], may_use_all_cores: bool
+             ) -> list[Any]:
+        with self._running_lock:
+            alone = self._running == 0 and may_use_all_cores
+            self._running += 1
+        try:
+            if alone and self.solo_session is not None:
+                return list(self.solo_session.run(names, feeds))
+            if self._bind_device is None:
+                return list(self.session.run(names, feeds))
+            return run_with_binding(self.session, feeds, names, self._bind_device)
+        finally:
+            with self._running_lock:
+                self._running -= 1
 
     def warm_up(self, batch_sizes: list[int]) -> None:
         """Run every batch size once, so no user request pays for a first run (cuDNN algorithm
@@ -257,7 +285,9 @@ class OnnxEngine:
         for n in batch_sizes:
             images = np.zeros((n, 3, h, w), np.float32)
             sizes = np.tile(np.asarray([[w, h]], np.int64), (n, 1))
-            self.run(images, sizes)
+            self.run(images, sizes)  # alone: with the solo session, if there is one
+            if self.solo_session is not None:
+                self.run(images, sizes, may_use_all_cores=False)
 
 
 def run_with_binding(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
