@@ -23,7 +23,8 @@ def _panel(canvas: np.ndarray, x0: int, title: str, series: dict[str, list[tuple
         return
     xs = sorted({p[0] for p in points})
     y_max = max(p[1] for p in points) * 1.15 or 1.0
-    cv2.putText(canvas, title, (x0, 40), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 2)
+    cv2.putText(canvas, f"{title} ({unit})", (x0, 40), cv2.FONT_HERSHEY_SIMPLEX, 0.7,
+                (0, 0, 0), 2)
     cv2.rectangle(canvas, (x0, MARGIN), (x0 + w, MARGIN + h), (0, 0, 0), 1)
 
     def at(x: float, y: float) -> tuple[int, int]:
@@ -40,7 +41,7 @@ def _panel(canvas: np.ndarray, x0: int, title: str, series: dict[str, list[tuple
         cv2.putText(canvas, f"{y:.0f}", (x0 - 55, py + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
                     (0, 0, 0), 1)
         cv2.line(canvas, (x0, py), (x0 + w, py), (225, 225, 225), 1)
-    cv2.putText(canvas, f"concurrency   ({unit})", (x0 + w // 3, MARGIN + h + 48),
+    cv2.putText(canvas, "concurrency", (x0 + w // 3, MARGIN + h + 48),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
     for row, (name, values) in enumerate(series.items()):
         color = COLORS.get(name, (0, 0, 0))
