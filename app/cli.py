@@ -15,6 +15,7 @@ from app.api.deps import AppState
 from app.config import Settings
 from app.engine.session import OnnxEngine
 from app.errors import ModelLoadError
+from app.logs import configure as configure_logging
 from app.main import create_app
 
 log = logging.getLogger("dfine")
@@ -91,16 +92,17 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:  # pydantic's ValidationError
         print(f"dfine-serve: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     try:
         engine = OnnxEngine.load(settings)  # fail fast, before binding the port
     except ModelLoadError as exc:
         print(f"dfine-serve: error: {exc}", file=sys.stderr)
         sys.exit(2)
     app = create_app(settings, engine=engine)
+    # The service writes its own access log (request id, latency, batch size): not uvicorn's.
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, timeout_graceful_shutdown=None)
+                            log_level=settings.log_level, timeout_graceful_shutdown=None,
+                            access_log=False, log_config=None)
     server = DrainingServer(config, app.state.dfine, drain_timeout_s=settings.request_timeout_s + 5)
     server.run()
 

@@ -12,6 +12,7 @@ DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "dfine_
 PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LogFormat = Literal["text", "json"]
 
 
 class Settings(BaseSettings):
@@ -52,9 +53,18 @@ class Settings(BaseSettings):
     max_pixels: int = Field(25_000_000, ge=1, description="decoded width x height limit")
     max_batch_images: int = Field(16, ge=1, description="images in one /detect/batch request")
     api_key: str | None = Field(None, description="require this key (Bearer or X-API-Key)")
+    open_paths: str = Field(
+        "/healthz,/readyz,/metrics",
+        description="paths served without the API key, comma-separated")
+    cors_origins: str = Field(
+        "", description="origins allowed by CORS, comma-separated ('*' for any); empty: off")
+    read_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait for the next chunk of an upload (then 408)")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
     log_level: LogLevel = Field("info", description="log level")
+    log_format: LogFormat = Field(
+        "text", description="text, or json: one JSON object a line, access log included")
 
     @field_validator("providers")
     @classmethod
@@ -70,3 +80,11 @@ class Settings(BaseSettings):
     @property
     def provider_list(self) -> list[str]:
         return self.providers.split(",")
+
+    @property
+    def open_path_set(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.open_paths.split(",") if p.strip())
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

@@ -27,6 +27,10 @@ class ImageTooLarge(ServiceError):
     code, status, message = "image_too_large", 413, "the image has too many pixels"
 
 
+class ReadTimeout(ServiceError):
+    code, status, message = "request_timeout", 408, "the upload was too slow"
+
+
 class UnsupportedMediaType(ServiceError):
     code, status = "unsupported_media_type", 415
     message = "send multipart/form-data, or an image/* or application/octet-stream body"

@@ -9,12 +9,13 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi.middleware.cors import CORSMiddleware
 
 from app.api.admission import DETECT_PATHS, AdmissionGate
 from app.api.deps import AppState
 from app.api.errors import install_error_handlers
-from app.api.routes import protected, router
+from app.api.observe import RequestObserver
+from app.api.routes import router
 from app.config import Settings
 from app.engine.session import OnnxEngine
 from app.metrics import Metrics
@@ -48,14 +49,6 @@ async def _load(state: AppState, engine: OnnxEngine | None) -> None:
         log.error("cannot serve the model: %s", exc)
 
 
-def _endpoint(scope: Scope) -> str:
-    """The route's path template (bounded label values), or 'other' for unknown paths."""
-    path = getattr(scope.get("route"), "path", None)
-    if path is None and scope.get("path") in DETECT_PATHS:  # refused by the gate: no route
-        path = scope["path"]
-    return str(path) if path else "other"
-
-
 def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
     """An app serving ``settings.model_path`` (or an already loaded ``engine``).
 
@@ -85,38 +78,12 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
     app.state.dfine = state
     install_error_handlers(app, metrics)
     app.include_router(router)
-    app.include_router(protected)
 
     app.add_middleware(AdmissionGate, state=state)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees refusals too
+    if settings.cors_origin_list:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+                           allow_methods=["GET", "POST"], allow_headers=["*"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
+    # Outermost: it sees every answer, the gate's refusals included.
+    app.add_middleware(RequestObserver, metrics=metrics, known_paths=DETECT_PATHS)
     return app
-
-
-class RequestMetrics:
-    """Counts requests by route template and status, and times them (plain ASGI, so request
-    bodies and disconnects pass through untouched)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_observe(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_observe)
-        finally:
-            endpoint = _endpoint(scope)
-            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-            self.metrics.request_duration.labels(endpoint=endpoint).observe(
-                time.perf_counter() - started)

@@ -43,6 +43,7 @@ class _Row:
     scores: npt.NDArray[np.float32]
     run_started: float
     run_finished: float
+    batch_size: int
 
 
 @dataclass
@@ -51,6 +52,7 @@ class DetectResult:
     height: int
     detections: list[Detection]
     timing_ms: dict[str, float]
+    batch_size: int  # images in the engine run this image went through
 
 
 class Detector:
@@ -151,7 +153,7 @@ class Detector:
         # All cores for this run only if nothing waits: under load, one core a run is faster.
         out = self.engine.run(images, sizes, may_use_all_cores=self.batcher.queue_depth == 0)
         finished = time.perf_counter()
-        return [_Row(out.labels[k], out.boxes[k], out.scores[k], started, finished)
+        return [_Row(out.labels[k], out.boxes[k], out.scores[k], started, finished, len(items))
                 for k in range(len(items))]
 
     async def detect(self, data: bytes, params: DetectParams) -> DetectResult:
@@ -173,7 +175,7 @@ class Detector:
             "total": finished - started,
         }
         return DetectResult(prepared.width, prepared.height, detections,
-                            {k: round(v * 1000, 3) for k, v in timing.items()})
+                            {k: round(v * 1000, 3) for k, v in timing.items()}, row.batch_size)
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests; let the admitted ones (reading, decoding, queued, running)

@@ -50,7 +50,7 @@ DetectorDep = Annotated[Detector, Depends(get_detector)]
 def require_api_key(request: Request, state: StateDep) -> None:
     """With DFINE_API_KEY set: a Bearer token or X-API-Key header, compared in constant time."""
     expected = state.settings.api_key
-    if not expected:
+    if not expected or request.url.path in state.settings.open_path_set:
         return
     given = request.headers.get("x-api-key")
     if given is None:

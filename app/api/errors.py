@@ -69,6 +69,7 @@ def _error(description: str) -> dict[str, Any]:
 DETECT_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error("invalid_image: the bytes do not decode as an image"),
     401: _error("unauthorized: API key configured and missing or wrong"),
+    408: _error("request_timeout: the upload stalled for longer than READ_TIMEOUT_S"),
     413: _error("payload_too_large (upload over the byte limit) or image_too_large "
                 "(decoded pixels over the limit)"),
     415: _error("unsupported_media_type: neither multipart nor an image body"),

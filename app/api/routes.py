@@ -26,8 +26,9 @@ from app.service import DetectResult
 
 T = TypeVar("T")
 
-router = APIRouter()
-protected = APIRouter(dependencies=[Depends(require_api_key)])
+# Every route checks the API key (when one is set); OPEN_PATHS (default /healthz, /readyz,
+# /metrics) are exempt.
+router = APIRouter(dependencies=[Depends(require_api_key)])
 
 _BINARY = {"type": "string", "format": "binary"}
 IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
@@ -88,25 +89,28 @@ def _json(body: dict[str, Any]) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-@protected.post("/detect", response_model=DetectResponse, responses=DETECT_ERRORS,
+@router.post("/detect", response_model=DetectResponse, responses=DETECT_ERRORS,
                 openapi_extra=IMAGE_BODY, summary="Detect objects in one image")
 async def detect(request: Request, detector: DetectorDep, params: ParamsDep) -> Response:
     """One image as multipart part `image`, or as the raw body (`image/*`,
     `application/octet-stream`). Boxes are in the original image's pixels."""
     # Admitted by the AdmissionGate. No local keeps the upload: once decoded, only its small
     # tensor waits in the queue.
-    upload = read_image(request, detector.settings.max_upload_bytes)
+    settings = detector.settings
+    upload = read_image(request, settings.max_upload_bytes, settings.read_timeout_s)
     result = await _until_disconnect(request, detector.detect(await upload, params))
+    request.state.batch_size = result.batch_size  # for the access log
     return _json(_result_body(detector.engine.info.name, result))
 
 
-@protected.post("/detect/batch", response_model=BatchResponse, responses=DETECT_ERRORS,
+@router.post("/detect/batch", response_model=BatchResponse, responses=DETECT_ERRORS,
                 openapi_extra=BATCH_BODY, summary="Detect objects in several images")
 async def detect_batch(request: Request, detector: DetectorDep, params: ParamsDep
                        ) -> Response:
     """Several multipart parts `images`; one result per image, in the order sent."""
     settings = detector.settings
-    images = await read_images(request, settings.max_upload_bytes, settings.max_batch_images)
+    images = await read_images(request, settings.max_upload_bytes, settings.max_batch_images,
+                               settings.read_timeout_s)
 
     async def all_images() -> list[DetectResult]:
         return list(await asyncio.gather(*(detector.detect(d, params) for d in images)))
@@ -116,13 +120,14 @@ async def detect_batch(request: Request, detector: DetectorDep, params: ParamsDe
     return _json({"model": name, "results": [_result_body(name, r) for r in results]})
 
 
-@router.get("/healthz", response_model=Status, summary="Liveness")
+@router.get("/healthz", response_model=Status, responses=AUTH_ERRORS, summary="Liveness")
 async def healthz() -> Status:
     """200 while the process runs."""
     return Status(status="ok")
 
 
-@router.get("/readyz", response_model=Status, responses=NOT_READY, summary="Readiness")
+@router.get("/readyz", response_model=Status, responses={**NOT_READY, **AUTH_ERRORS},
+            summary="Readiness")
 async def readyz(state: StateDep) -> Response:
     """200 once the model is loaded and warmed up; 503 before, and while draining."""
     if state.ready:
@@ -132,13 +137,14 @@ async def readyz(state: StateDep) -> Response:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}, "description": "exposition"}})
+            responses={200: {"content": {"text/plain": {}}, "description": "exposition"},
+                       **AUTH_ERRORS})
 async def metrics(state: StateDep) -> Response:
     return Response(state.metrics.exposition(),
                     media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@protected.get("/model", response_model=ModelResponse, responses={**NOT_READY, **AUTH_ERRORS},
+@router.get("/model", response_model=ModelResponse, responses={**NOT_READY, **AUTH_ERRORS},
                summary="The model being served")
 async def model(detector: DetectorDep) -> ModelResponse:
     info, settings = detector.engine.info, detector.settings

@@ -1,0 +1,67 @@
+"""Per-request observation (plain ASGI, so bodies and disconnects pass through untouched):
+the X-Request-ID, Prometheus request metrics, and one access-log line per request."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.metrics import Metrics
+
+access_log = logging.getLogger("dfine.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+_VALID_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")  # echoed into headers and logs: keep it tame
+
+
+def endpoint_of(scope: Scope, known_paths: tuple[str, ...]) -> str:
+    """The route's path template (bounded label values), or 'other' for unknown paths."""
+    path = getattr(scope.get("route"), "path", None)
+    if path is None and scope.get("path") in known_paths:  # answered before routing
+        path = scope["path"]
+    return str(path) if path else "other"
+
+
+class RequestObserver:
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: tuple[str, ...]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.known_paths = known_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        given = dict(scope["headers"]).get(REQUEST_ID_HEADER, b"")
+        request_id = given if _VALID_ID.match(given) else uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+        status = 500
+
+        async def send_and_observe(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []),
+                                      (REQUEST_ID_HEADER, request_id)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_observe)
+        finally:
+            elapsed = time.perf_counter() - started
+            endpoint = endpoint_of(scope, self.known_paths)
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            self.metrics.request_duration.labels(endpoint=endpoint).observe(elapsed)
+            if access_log.isEnabledFor(logging.INFO):
+                client = scope.get("client") or ("-", 0)
+                access_log.info(
+                    "%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000,
+                    extra={"request_id": request_id.decode(), "method": scope["method"],
+                           "path": scope["path"], "status": status,
+                           "latency_ms": round(elapsed * 1000, 2), "client": client[0],
+                           "batch_size": scope["state"].get("batch_size")})

@@ -1,0 +1,106 @@
+"""Request IDs, access logs, CORS, open paths, slow uploads and client disconnects."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+
+from app.errors import ServiceError
+from app.metrics import ERROR_CODES
+from tests.helpers import Server, encode, render_scene, run_server
+
+IMAGE = encode(render_scene(4)[0])
+
+
+def _metric(server: Server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " "))
+
+
+def test_every_error_code_has_a_metric_series_from_the_start() -> None:
+    codes = {cls.code for cls in ServiceError.__subclasses__()} - {"client_closed"}
+    assert codes <= set(ERROR_CODES)
+
+
+def test_request_id_is_echoed_or_generated_and_logged_as_json(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--log-format", "json") as srv:
+        given = httpx.post(f"{srv.url}/detect", content=IMAGE, timeout=30,
+                           headers={"Content-Type": "image/jpeg", "X-Request-ID": "req-42"})
+        assert given.headers["X-Request-ID"] == "req-42"
+        made = httpx.get(f"{srv.url}/healthz").headers["X-Request-ID"]
+        assert len(made) == 32 and made != "req-42"
+        hostile = httpx.get(f"{srv.url}/healthz", headers={"X-Request-ID": "a b\tc"})
+        assert hostile.headers["X-Request-ID"] != "a b\tc"  # not echoed as given
+        time.sleep(0.2)
+        lines = [json.loads(line) for line in srv.log().splitlines() if line.startswith("{")]
+    access = [e for e in lines if e["logger"] == "dfine.access"]
+    detect = next(e for e in access if e["request_id"] == "req-42")
+    assert detect["status"] == 200 and detect["path"] == "/detect"
+    assert detect["latency_ms"] > 0 and detect["batch_size"] == 1
+    assert any(e["request_id"] == made for e in access)
+
+
+def test_cors_is_off_by_default_and_on_for_configured_origins(server: Server,
+                                                             tmp_path: Path) -> None:
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    off = httpx.options(f"{server.url}/detect", headers=preflight)
+    assert "access-control-allow-origin" not in off.headers
+    with run_server(tmp_path, "--cors-origins", "http://app.example") as srv:
+        on = httpx.options(f"{srv.url}/detect", headers=preflight)
+        assert on.headers["access-control-allow-origin"] == "http://app.example"
+        other = httpx.options(f"{srv.url}/detect",
+                              headers={**preflight, "Origin": "http://evil.example"})
+        assert other.headers.get("access-control-allow-origin") != "http://evil.example"
+
+
+def test_open_paths_are_configurable(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--api-key", "k", "--open-paths", "/healthz,/readyz") as srv:
+        assert httpx.get(f"{srv.url}/healthz").status_code == 200
+        assert httpx.get(f"{srv.url}/metrics").status_code == 401
+        assert httpx.get(f"{srv.url}/metrics", headers={"X-API-Key": "k"}).status_code == 200
+        wrong = httpx.get(f"{srv.url}/model", headers={"X-API-Key": "nope"})
+        assert wrong.status_code == 401 and "k" not in wrong.json()["error"]["message"]
+
+
+def test_slow_upload_is_cut_off_with_408(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--read-timeout-s", "0.5") as srv:
+        port = int(srv.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + IMAGE[:1000])
+            sock.settimeout(10)
+            started = time.monotonic()
+            reply = sock.recv(4096)
+            assert time.monotonic() - started < 5
+        assert reply.startswith(b"HTTP/1.1 408")
+        assert b"request_timeout" in reply
+        ok = httpx.post(f"{srv.url}/detect", content=IMAGE, timeout=30,
+                        headers={"Content-Type": "image/jpeg"})
+        assert ok.status_code == 200
+
+
+def test_requests_of_clients_that_disconnect_are_not_run(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--instances", "1", "--max-batch-size", "1") as srv:
+        port = int(srv.url.rsplit(":", 1)[1])
+        request = (b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                   b"Content-Length: " + str(len(IMAGE)).encode() + b"\r\n\r\n" + IMAGE)
+        before = _metric(srv, "dfine_images_total")
+        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
+        for sock in sockets:
+            sock.sendall(request)
+        time.sleep(0.15)  # all read and queued; one image runs at a time, ~25 ms each
+        for sock in sockets:
+            sock.close()
+        time.sleep(1.5)
+        cancelled = _metric(srv, "dfine_cancelled_total")
+        ran = _metric(srv, "dfine_images_total") - before
+        assert cancelled >= 4, (cancelled, ran)
+        assert ran + cancelled <= 16
+        ok = httpx.post(f"{srv.url}/detect", content=IMAGE, timeout=30,
+                        headers={"Content-Type": "image/jpeg"})
+        assert ok.status_code == 200
