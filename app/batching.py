@@ -60,6 +60,13 @@ class NullObserver:
 
 
 @dataclass(eq=False)
+class _Run(Generic[P, R]):
+    batch: list[_Item[P, R]]
+    started: float
+    abandoned: bool = False  # cut off by the watchdog; its thread leaves when it returns
+
+
+@dataclass(eq=False)
 class _Item(Generic[P, R]):
     payload: P
     future: asyncio.Future[R]
@@ -78,6 +85,7 @@ class DynamicBatcher(Generic[P, R]):
         max_delay_s: float,
         max_queue: int,
         instances: int = 1,
+        run_timeout_s: float | None = None,
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -86,6 +94,7 @@ class DynamicBatcher(Generic[P, R]):
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.instances = instances
+        self.run_timeout_s = run_timeout_s
         self._observer: BatchObserver = observer or NullObserver()
         self._clock = clock
         self._queue: deque[_Item[P, R]] = deque()
@@ -94,6 +103,9 @@ class DynamicBatcher(Generic[P, R]):
         # flags; the condition wakes engine threads on a new item, a finished run, or closing.
         self._changed = threading.Condition()
         self._threads: list[threading.Thread] = []
+        self._runs: set[_Run[P, R]] = set()
+        self._hung = 0  # runs cut off by the watchdog that have not returned yet
+        self._watchdog: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._stopping = False
@@ -110,12 +122,49 @@ class DynamicBatcher(Generic[P, R]):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def hung_runs(self) -> int:
+        """Engine runs cut off by the watchdog that are still stuck in the engine."""
+        return self._hung
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        for k in range(self.instances):
-            thread = threading.Thread(target=self._work, name=f"engine-{k}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        for _ in range(self.instances):
+            self._add_thread()
+        if self.run_timeout_s:
+            self._watchdog = self._loop.create_task(self._watch(self.run_timeout_s))
+
+    def _add_thread(self) -> None:
+        thread = threading.Thread(target=self._work, name=f"engine-{len(self._threads)}",
+                                  daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    async def _watch(self, timeout_s: float) -> None:
+        """Cut off runs that take longer than ``timeout_s``: their requests get 504 now, a new
+        engine thread takes the stuck one's place, and ``hung_runs`` counts it until it
+        returns (readiness turns 503 meanwhile)."""
+        while True:
+            await asyncio.sleep(min(1.0, timeout_s / 4))
+            now = self._clock()
+            with self._changed:
+                late = [r for r in self._runs if not r.abandoned and now - r.started > timeout_s]
+                for run in late:
+                    run.abandoned = True
+                    self._inflight -= 1
+                    self._hung += 1
+                inflight = self._inflight
+            for run in late:
+                log.error("engine run of %d image(s) still running after %.1f s: cut off",
+                          len(run.batch), timeout_s)
+                for item in run.batch:
+                    if not item.future.done():
+                        item.future.set_exception(DeadlineExceeded(
+                            "the engine did not answer in time"))
+                self._observer.batch_finished(len(run.batch), now - run.started, False)
+                self._add_thread()
+            if late:
+                self._observer.inflight_changed(inflight)
 
     async def submit(self, payload: P, timeout_s: float) -> R:
         """Queue one payload and wait for its result.
@@ -197,11 +246,15 @@ class DynamicBatcher(Generic[P, R]):
 
     def _work(self) -> None:
         while (batch := self._take()) is not None:
-            if batch:
-                self._run(batch)
+            if batch and not self._run(batch):
+                return  # cut off by the watchdog, which started a replacement
 
-    def _run(self, batch: list[_Item[P, R]]) -> None:
+    def _run(self, batch: list[_Item[P, R]]) -> bool:
+        """Run one batch; False if the watchdog cut it off meanwhile."""
         started = self._clock()
+        run: _Run[P, R] = _Run(batch, started)
+        with self._changed:
+            self._runs.add(run)
         self._observer.batch_started(len(batch), [started - i.enqueued_at for i in batch])
         ok = False
         try:
@@ -218,11 +271,17 @@ class DynamicBatcher(Generic[P, R]):
                 self._deliver(item, result=result)
         finally:
             with self._changed:
-                self._inflight -= 1
+                self._runs.discard(run)
+                if run.abandoned:
+                    self._hung -= 1
+                else:
+                    self._inflight -= 1
                 inflight = self._inflight
                 self._changed.notify_all()
-            self._observer.inflight_changed(inflight)
-            self._observer.batch_finished(len(batch), self._clock() - started, ok)
+            if not run.abandoned:
+                self._observer.inflight_changed(inflight)
+                self._observer.batch_finished(len(batch), self._clock() - started, ok)
+        return not run.abandoned
 
     def _deliver(self, item: _Item[P, R], result: R | None = None,
                  error: Exception | None = None) -> None:
@@ -253,6 +312,8 @@ class DynamicBatcher(Generic[P, R]):
 
     async def stop(self) -> None:
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         with self._changed:
             self._stopping = True
             left = list(self._queue)
@@ -261,5 +322,5 @@ class DynamicBatcher(Generic[P, R]):
         for item in left:
             if not item.future.done():
                 item.future.set_exception(NotReady())
-        for thread in self._threads:  # a running batch finishes first
-            await asyncio.to_thread(thread.join, 30)
+        for thread in self._threads:  # a running batch finishes first (a hung one: 5 s)
+            await asyncio.to_thread(thread.join, 5 if self._hung else 30)

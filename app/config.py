@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     admission_wait_ms: float = Field(
         100.0, ge=0, le=10_000,
         description="when full, how long a request may wait for room before its 503")
+    engine_timeout_s: float = Field(
+        60.0, gt=0, description="an engine run taking longer is cut off: its requests get 504 "
+        "and /readyz 503 until it returns")
     request_timeout_s: float = Field(10.0, gt=0, description="deadline to start a request's batch")
     score_threshold: float = Field(0.5, ge=0, le=1, description="default score threshold")
     max_detections: int = Field(100, ge=1, le=300, description="default detections per image")

@@ -73,7 +73,8 @@ class Detector:
         self.batcher: DynamicBatcher[PreparedImage, _Row] = DynamicBatcher(
             self._run_batch, max_batch_size=self.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000, max_queue=self.max_admitted,
-            instances=engine.parallel.instances, observer=metrics)
+            instances=engine.parallel.instances, run_timeout_s=settings.engine_timeout_s,
+            observer=metrics)
         self._admitted = 0
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self.accepting = True

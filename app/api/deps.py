@@ -27,7 +27,11 @@ class AppState:
 
     @property
     def ready(self) -> bool:
-        return self.detector is not None and not self.draining
+        return self.detector is not None and not self.draining and not self.engine_hung
+
+    @property
+    def engine_hung(self) -> bool:
+        return self.detector is not None and self.detector.batcher.hung_runs > 0
 
 
 def get_state(request: Request) -> AppState:
@@ -39,7 +43,9 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 
 def get_detector(state: StateDep) -> Detector:
-    if not state.ready or state.detector is None:
+    # A hung engine run does not stop the others: requests are still served (readiness tells
+    # the load balancer to go elsewhere meanwhile).
+    if state.detector is None or state.draining:
         raise NotReady()
     return state.detector
 

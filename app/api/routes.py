@@ -129,10 +129,16 @@ async def healthz() -> Status:
 @router.get("/readyz", response_model=Status, responses={**NOT_READY, **AUTH_ERRORS},
             summary="Readiness")
 async def readyz(state: StateDep) -> Response:
-    """200 once the model is loaded and warmed up; 503 before, and while draining."""
+    """200 once the model is loaded and warmed up; 503 before, while draining, and while an
+    engine run is stuck past ENGINE_TIMEOUT_S."""
     if state.ready:
         return JSONResponse({"status": "ready"})
-    status = "draining" if state.draining else ("failed" if state.failure else "loading")
+    if state.draining:
+        status = "draining"
+    elif state.engine_hung:
+        status = "engine_hung"
+    else:
+        status = "failed" if state.failure else "loading"
     return JSONResponse({"status": status}, status_code=503)
 
 

@@ -15,9 +15,12 @@ from app.errors import DeadlineExceeded, EngineFailure, NotReady, Overloaded
 class StubEngine:
     """Doubles each payload after ``delay_s``; fails batches containing ``fail_on``."""
 
-    def __init__(self, delay_s: float = 0.0, fail_on: int | None = None) -> None:
+    def __init__(self, delay_s: float = 0.0, fail_on: int | None = None,
+                 hang_on: int | None = None) -> None:
         self.delay_s = delay_s
         self.fail_on = fail_on
+        self.hang_on = hang_on
+        self.unhang = threading.Event()
         self.batches: list[list[int]] = []
         self.concurrent = 0
         self.max_concurrent = 0
@@ -32,6 +35,8 @@ class StubEngine:
             self.max_concurrent = max(self.max_concurrent, self.concurrent)
         try:
             self.release.wait(5)
+            if self.hang_on is not None and self.hang_on in payloads:
+                self.unhang.wait(10)
             time.sleep(self.delay_s)
             if self.fail_on is not None and self.fail_on in payloads:
                 raise RuntimeError("injected engine failure")
@@ -182,4 +187,23 @@ async def test_drain_finishes_queued_work_and_refuses_new() -> None:
     assert [p.result() for p in pending] == [0, 2, 4, 6, 8]
     with pytest.raises(NotReady):
         await batcher.submit(1, timeout_s=5)
+    await batcher.stop()
+
+
+async def test_watchdog_cuts_off_a_hung_run_and_the_batcher_carries_on() -> None:
+    engine = StubEngine(hang_on=7)
+    batcher = make(engine, max_batch_size=1, run_timeout_s=0.2)
+    started = time.perf_counter()
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(7, timeout_s=5)
+    assert time.perf_counter() - started < 1.0
+    assert batcher.hung_runs == 1
+    assert await batcher.submit(3, timeout_s=5) == 6  # a replacement engine thread serves
+    engine.unhang.set()
+    for _ in range(100):
+        if batcher.hung_runs == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert batcher.hung_runs == 0 and batcher.inflight == 0
+    assert await batcher.submit(4, timeout_s=5) == 8
     await batcher.stop()
