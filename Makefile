@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install tools run test lint format clean
+.PHONY: install tools run test lint format clean bench fuzz soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ lint: $(STAMP)
 
 test: lint tools
 	$(PY) -m pytest
+
+# Longer runs than CI's: the decode fuzzer for 5 minutes, the soak at 20,000 requests.
+fuzz: $(STAMP)
+	$(PY) tests/fuzz/fuzz_decode.py build/fuzz-corpus -max_total_time=300
+
+soak: $(STAMP)
+	$(PY) -m tests.soak --requests 20000
+
+bench: $(STAMP)
+	$(PY) -m app bench --concurrency 1,8,32 --overload 64 --out build/bench
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix app models tests

@@ -40,7 +40,7 @@ IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
 BATCH_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {
         "type": "object", "required": ["images"],
-        "properties": {"images": {"type": "array", "items": _BINARY}}}},
+        "properties": {"images": {"type": "array", "items": _BINARY, "minItems": 1}}}},
 }}}
 
 
