@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import cv2
 import httpx
 import numpy as np
 
+from app.bench.cli import free_port
 from models.synthetic import CLASSES, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,12 +53,6 @@ def assert_same_detections(got: list[dict[str, Any]], want: list[dict[str, Any]]
     for a, b in zip(got, want):
         assert abs(a["score"] - b["score"]) < 1e-3
         assert box_iou(tuple(a["box"].values()), tuple(b["box"].values())) > 0.99
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

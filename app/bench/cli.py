@@ -58,7 +58,8 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -271,14 +272,14 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         service_url = args.url
         if service_url is None:
-            port = _free_port()
+            port = free_port()
             service_url = stack.enter_context(_server(
                 [python, "-m", "app", "--model-path", str(args.model), "--port", str(port),
                  "--log-level", "warning", *shlex.split(args.service_args)],
                 port, "/readyz", "service")).url
         peer_url = None
         if not args.no_peer:
-            port = _free_port()
+            port = free_port()
             peer_url = stack.enter_context(_server(
                 [python, "-m", "app.bench.peer", "--model", str(args.model), "--port",
                  str(port)], port, "/docs", "peer")).url
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         results = asyncio.run(_run(args, service_url, peer_url, bodies, settings))
     single_ms = asyncio.run(single_call_ms(settings, bodies[0]))
     if args.overload:
-        port = _free_port()
+        port = free_port()
         with _server([python, "-m", "app", "--model-path", str(args.model), "--port",
                       str(port), "--log-level", "warning", "--max-queue",
                       str(args.overload_queue), *shlex.split(args.service_args)],

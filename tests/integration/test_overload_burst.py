@@ -11,15 +11,9 @@ import httpx
 
 from app.bench.load import Connection
 from tests.helpers import encode, render_scene, run_server
+from tests.soak import rss_mb
 
 TIMEOUT_S = 2.0
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def one_latency(url: str, body: bytes) -> float:
