@@ -42,6 +42,7 @@ class AdmissionGate:
             await send({"type": "http.response.start", "status": 503, "headers": _HEADERS})
             await send({"type": "http.response.body", "body": _BODY})
             return
+        scope.setdefault("state", {})["admitted"] = True
         try:
             await self.app(scope, receive, send)
         finally:

@@ -42,10 +42,12 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_detector(state: StateDep) -> Detector:
+def get_detector(request: Request, state: StateDep) -> Detector:
     # A hung engine run does not stop the others: requests are still served (readiness tells
-    # the load balancer to go elsewhere meanwhile).
-    if state.detector is None or state.draining:
+    # the load balancer to go elsewhere meanwhile). While draining, a request the admission
+    # gate let in before the signal is finished; any other is refused.
+    admitted = request.scope.get("state", {}).get("admitted", False)
+    if state.detector is None or (state.draining and not admitted):
         raise NotReady()
     return state.detector
 
