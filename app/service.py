@@ -23,6 +23,8 @@ from app.errors import NotReady, Overloaded
 from app.imaging import PreparedImage, decode, prepare
 from app.metrics import Metrics
 from app.postprocess import Detection, select
+from app.render import ImageFormat, draw
+from app.render import encode as encode_image
 
 MAX_ROOM_WAITERS = 256
 
@@ -177,6 +179,15 @@ class Detector:
         }
         return DetectResult(prepared.width, prepared.height, detections,
                             {k: round(v * 1000, 3) for k, v in timing.items()}, row.batch_size)
+
+    async def render(self, data: bytes, result: DetectResult, fmt: ImageFormat) -> bytes:
+        """The upload at full resolution with ``result``'s detections drawn, encoded."""
+
+        def work() -> bytes:
+            image = decode(data, self.settings.max_pixels).image
+            return encode_image(draw(image, result.detections), fmt)
+
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, work)
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests; let the admitted ones (reading, decoding, queued, running)

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.api.deps import AppState
 from app.errors import Overloaded
 
-DETECT_PATHS = ("/detect", "/detect/batch")
+DETECT_PATHS = ("/detect", "/detect/batch", "/detect/render")
 _BODY = orjson.dumps({"error": {"code": Overloaded.code, "message": Overloaded.message}})
 _HEADERS = [(b"content-type", b"application/json"), (b"retry-after", b"1"),
             (b"content-length", str(len(_BODY)).encode())]
@@ -34,7 +34,8 @@ class AdmissionGate:
                 or not detector.accepting):
             await self.app(scope, receive, send)  # the routes answer not_ready themselves
             return
-        images = 1 if scope["path"] == "/detect" else self.state.settings.max_batch_images
+        images = (self.state.settings.max_batch_images if scope["path"] == "/detect/batch"
+                  else 1)
         try:
             await detector.acquire(images, self.wait_s)
         except Overloaded:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import DetectorDep, ParamsDep, StateDep, require_api_key
 from app.api.errors import AUTH_ERRORS, DETECT_ERRORS, NOT_READY
 from app.api.uploads import read_image, read_images
 from app.errors import ServiceError
+from app.render import negotiate
 from app.schemas import (
     BatchingInfo,
     BatchResponse,
@@ -118,6 +119,27 @@ async def detect_batch(request: Request, detector: DetectorDep, params: ParamsDe
     results = await _until_disconnect(request, all_images())
     name = detector.engine.info.name
     return _json({"model": name, "results": [_result_body(name, r) for r in results]})
+
+
+@router.post("/detect/render", response_class=Response, openapi_extra=IMAGE_BODY,
+             summary="Detect, and return the image with the boxes drawn",
+             responses={200: {"content": {"image/jpeg": {"schema": _BINARY},
+                                          "image/png": {"schema": _BINARY}},
+                              "description": "the image with boxes and labels drawn"},
+                         **DETECT_ERRORS})
+async def detect_render(request: Request, detector: DetectorDep, params: ParamsDep,
+                        format: Annotated[Literal["jpeg", "png"] | None, Query(
+                            description="jpeg or png; default: from Accept, else jpeg")] = None,
+                        ) -> Response:
+    """Same input and query as `/detect`; answers a JPEG or PNG with the detections drawn."""
+    settings = detector.settings
+    data = await read_image(request, settings.max_upload_bytes, settings.read_timeout_s)
+    result = await _until_disconnect(request, detector.detect(data, params))
+    request.state.batch_size = result.batch_size
+    fmt = negotiate(format, request.headers.get("accept", ""))
+    image = await detector.render(data, result, fmt)
+    return Response(image, media_type=f"image/{fmt}",
+                    headers={"X-Detections": str(len(result.detections))})
 
 
 @router.get("/healthz", response_model=Status, responses=AUTH_ERRORS, summary="Liveness")

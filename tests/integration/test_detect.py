@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import cv2
 import httpx
+import numpy as np
 
 from tests.helpers import Server, assert_same_detections, box_iou, encode, render_scene
 
@@ -138,3 +140,33 @@ def test_model_endpoint_and_openapi_describe_the_service(server: Server) -> None
     assert httpx.get(f"{server.url}/docs").status_code == 200
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'dfine_model_info{' in metrics and 'providers="CPUExecutionProvider"' in metrics
+
+
+def test_render_returns_the_image_with_the_boxes_drawn(server: Server) -> None:
+    image, _ = render_scene(12)
+    data = encode(image, ".png")
+    detections = httpx.post(f"{server.url}/detect", content=data, timeout=30,
+                            headers={"Content-Type": "image/png"}).json()["detections"]
+    assert detections
+    jpeg = httpx.post(f"{server.url}/detect/render", content=data, timeout=30,
+                      headers={"Content-Type": "image/png"})
+    assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
+    assert int(jpeg.headers["X-Detections"]) == len(detections)
+    png = httpx.post(f"{server.url}/detect/render", content=data, timeout=30,
+                     headers={"Content-Type": "image/png", "Accept": "image/png"})
+    assert png.headers["content-type"] == "image/png"
+    by_query = httpx.post(f"{server.url}/detect/render?format=png&score_threshold=0.99",
+                          content=data, timeout=30, headers={"Content-Type": "image/png"})
+    assert by_query.headers["content-type"] == "image/png"
+    drawn = cv2.imdecode(np.frombuffer(png.content, np.uint8), cv2.IMREAD_COLOR)
+    assert drawn.shape == image.shape
+    # Pixels change along every box's edge, and the image is untouched far from the boxes.
+    changed = np.abs(drawn.astype(int) - image.astype(int)).sum(axis=2) > 60
+    for d in detections:
+        x1, _, x2, y2 = (int(v) for v in d["box"].values())
+        edge = changed[min(y2, image.shape[0] - 1) - 1, x1:x2]
+        assert edge.mean() > 0.5, d
+    assert changed.mean() < 0.5
+    bad = httpx.post(f"{server.url}/detect/render", content=b"junk", timeout=30,
+                     headers={"Content-Type": "image/png"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"
