@@ -83,9 +83,14 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
-        from app.bench.cli import main as bench  # only the bench needs its modules
+        from app.bench.cli import main as bench  # only the tools need their modules
 
         bench(argv[1:])
+        return
+    if argv[:1] == ["eval"]:
+        from app.bench.evaluate import main as evaluate
+
+        evaluate(argv[1:])
         return
     try:
         settings = settings_from_args(argv)
