@@ -16,12 +16,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# promtool and prometheus (Debian's package) for the deployment tests; needs root, as CI has.
+# Debian's prometheus (promtool) for the deployment tests and chromium for the web page test
+# (Playwright drives it; it cannot download its own browser here). Needs root, as CI has.
 tools:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
+	  && command -v chromium >/dev/null || { \
 	  apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
-	    >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus chromium >/dev/null; }
 
 run: $(STAMP)
 	$(PY) -m app

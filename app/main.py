@@ -15,7 +15,7 @@ from app.api.admission import DETECT_PATHS, AdmissionGate
 from app.api.deps import AppState
 from app.api.errors import install_error_handlers
 from app.api.observe import RequestObserver
-from app.api.routes import router
+from app.api.routes import pages, router
 from app.config import Settings
 from app.engine.session import OnnxEngine
 from app.metrics import Metrics
@@ -78,6 +78,7 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
     app.state.dfine = state
     install_error_handlers(app, metrics)
     app.include_router(router)
+    app.include_router(pages)
 
     app.add_middleware(AdmissionGate, state=state)
     if settings.cors_origin_list:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from app.api.deps import DetectorDep, ParamsDep, StateDep, require_api_key
 from app.api.errors import AUTH_ERRORS, DETECT_ERRORS, NOT_READY
@@ -30,6 +31,15 @@ T = TypeVar("T")
 # Every route checks the API key (when one is set); OPEN_PATHS (default /healthz, /readyz,
 # /metrics) are exempt.
 router = APIRouter(dependencies=[Depends(require_api_key)])
+pages = APIRouter()  # the web page is public; it asks for the key when the API needs one
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+
+@pages.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    """The web page: drop or paste an image, see the boxes (app/static, no build step)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html")
 
 _BINARY = {"type": "string", "format": "binary"}
 IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {

@@ -1,0 +1,90 @@
+"""The web page in a real headless Chromium (Debian's, driven by Playwright): upload a rendered
+image, check that the boxes drawn are the API's, filter with the slider, and look at it on a
+phone-sized screen. Screenshots go to build/test-artifacts/."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, sync_playwright
+
+from tests.helpers import ROOT, Server, box_iou, encode, render_scene
+
+ARTIFACTS = ROOT / "build" / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Debian's Chromium, headless, with the background services that would reach the network off.
+ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: run `make test`, which installs it")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield launched
+        launched.close()
+
+
+def test_page_draws_the_apis_boxes_and_filters_on_the_client(
+        server: Server, browser: Browser, tmp_path: Path) -> None:
+    image, _ = render_scene(31)
+    path = tmp_path / "scene.png"
+    path.write_bytes(encode(image, ".png"))
+    api = httpx.post(f"{server.url}/detect?score_threshold=0&max_detections=300",
+                     content=path.read_bytes(), headers={"Content-Type": "image/png"},
+                     timeout=30).json()["detections"]
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server.url + "/")
+    page.set_input_files("#file", str(path))
+    page.wait_for_function("window.dfineDrawn.length > 0", timeout=20_000)
+    drawn = page.evaluate("window.dfineDrawn")
+    expected = [d for d in api if d["score"] >= 0.5]  # the slider starts at 0.5
+    assert [d["label"] for d in drawn] == [d["label"] for d in expected]
+    for got, want in zip(drawn, expected):
+        assert box_iou(tuple(got["box"].values()), tuple(want["box"].values())) > 0.999
+    canvas = page.eval_on_selector("#canvas", "c => [c.width, c.height]")
+    assert canvas == [image.shape[1], image.shape[0]]
+    assert "detections shown" in page.inner_text("#status")
+    assert page.inner_text("#timing")  # the timing breakdown
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
+
+    page.fill("#threshold", "0.9")  # the slider filters without a new request
+    page.dispatch_event("#threshold", "input")
+    high = page.evaluate("window.dfineDrawn")
+    assert len(high) == sum(d["score"] >= 0.9 for d in api)
+    first_label = drawn[0]["label"]
+    page.fill("#threshold", "0.5")
+    page.dispatch_event("#threshold", "input")
+    page.locator("#classes label", has_text=first_label).locator("input").uncheck()
+    filtered = page.evaluate("window.dfineDrawn")
+    assert all(d["label"] != first_label for d in filtered)
+    assert len(filtered) == sum(d["score"] >= 0.5 and d["label"] != first_label for d in api)
+    page.close()
+
+
+def test_page_fits_a_phone_screen_and_shows_errors(server: Server, browser: Browser,
+                                                   tmp_path: Path) -> None:
+    page = browser.new_page(viewport={"width": 375, "height": 812}, is_mobile=True)
+    page.goto(server.url + "/")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    page.set_input_files("#file", str(bad))
+    page.wait_for_function("document.querySelector('#status').className === 'error'",
+                           timeout=20_000)
+    assert "invalid_image" in page.inner_text("#status")
+    good = tmp_path / "good.jpg"
+    good.write_bytes(encode(render_scene(32)[0]))
+    page.set_input_files("#file", str(good))
+    page.wait_for_function("window.dfineDrawn.length > 0", timeout=20_000)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 376, width  # no sideways scrolling
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-page-phone.png"), full_page=True)
+    page.close()
