@@ -1,7 +1,8 @@
+"""Fixtures shared by the integration and end-to-end tests."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,3 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield running
 
 
-@pytest.fixture
-def tmp(tmp_path: Path) -> Path:
-    return tmp_path
