@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -23,7 +23,6 @@ class AppState:
     detector: Detector | None = None
     draining: bool = False
     failure: str | None = None  # why the model could not be loaded or warmed up
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
