@@ -7,8 +7,6 @@ RGB, /255, NCHW float32, sizes passed as (width, height).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -18,9 +16,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-from faster_coco_eval import COCO, COCOeval_faster
 from tqdm import tqdm
 
+from app.bench.evaluate import coco_metrics
 from models.data import CocoImage, load_coco, read_resized
 
 
@@ -72,19 +70,6 @@ def detections_for(images: list[CocoImage], detector: OnnxDetector, category_ids
     return results
 
 
-def coco_ap(annotations: Path, results: list[dict[str, Any]]) -> dict[str, float]:
-    """AP, AP50, AP75, APs, APm, APl (COCO's definitions)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        truth = COCO(str(annotations))
-        predicted = truth.loadRes(results)
-        evaluator = COCOeval_faster(truth, predicted, "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    return {name: round(float(v), 4) for name, v in zip(names, evaluator.stats[:6])}
-
-
 def evaluate(model: Path, data: Path, batch_size: int = 8, threads: int = 0,
              limit: int = 0) -> dict[str, Any]:
     dataset = load_coco(data)
@@ -93,16 +78,8 @@ def evaluate(model: Path, data: Path, batch_size: int = 8, threads: int = 0,
     started = time.perf_counter()
     results = detections_for(images, detector, dataset.category_ids, batch_size)
     elapsed = time.perf_counter() - started
-    if limit:  # score only the images that ran
-        subset = json.loads(dataset.annotations_path.read_text())
-        ids = {im.image_id for im in images}
-        subset["images"] = [im for im in subset["images"] if im["id"] in ids]
-        subset["annotations"] = [a for a in subset["annotations"] if a["image_id"] in ids]
-        annotations = Path(f"{dataset.annotations_path}.subset.json")
-        annotations.write_text(json.dumps(subset))
-    else:
-        annotations = dataset.annotations_path
-    metrics = coco_ap(annotations, results)
+    metrics = coco_metrics(dataset.annotations_path, results,
+                           [im.image_id for im in images] if limit else None)
     return {**metrics, "images": len(images), "images_per_s": round(len(images) / elapsed, 2),
             "model": str(model), "data": str(dataset.annotations_path)}
 

@@ -118,7 +118,9 @@ async def _detect_in_process(model: Path, providers: str, images: list[tuple[int
     return found
 
 
-def coco_metrics(annotations: Path, results: list[dict[str, Any]]) -> dict[str, float]:
+def coco_metrics(annotations: Path, results: list[dict[str, Any]],
+                 image_ids: list[int] | None = None) -> dict[str, float]:
+    """AP, AP50, AP75, APs, APm, APl (COCO's definitions), over ``image_ids`` if given."""
     try:
         from faster_coco_eval import COCO, COCOeval_faster
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -129,6 +131,8 @@ def coco_metrics(annotations: Path, results: list[dict[str, Any]]) -> dict[str, 
     with contextlib.redirect_stdout(io.StringIO()):
         truth = COCO(str(annotations))
         evaluator = COCOeval_faster(truth, truth.loadRes(results), "bbox")
+        if image_ids is not None:  # score only the images that ran
+            evaluator.params.imgIds = sorted(image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -156,13 +160,7 @@ def evaluate(target: Target, data: Path, concurrency: int = 4, limit: int = 0,
     bar.close()
     results = [r for image_id, dets in found.items()
                for r in _to_results(image_id, dets, category_of, sorted_ids)]
-    if limit:  # score only the images that ran
-        ids = {e["id"] for e in entries}
-        subset = {**coco, "images": entries,
-                  "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
-        annotations = Path(f"{annotations}.subset-{limit}.json")
-        annotations.write_text(json.dumps(subset))
-    metrics = coco_metrics(annotations, results)
+    metrics = coco_metrics(annotations, results, [e["id"] for e in entries] if limit else None)
     return {"target": target.name, **metrics, "images": len(images),
             "images_per_s": round(len(images) / elapsed, 2), "data": str(data)}
 
