@@ -31,7 +31,7 @@ from app.bench.ceiling import ceiling_loop, single_call_ms
 from app.bench.images import folder_images, synthetic_jpegs
 from app.bench.load import closed_loop, fetch, open_loop
 from app.bench.plot import write_plot
-from app.bench.stats import RunResult, Sample, summarize
+from app.bench.stats import RunResult, Sample, metric_value, summarize
 from app.config import DEFAULT_MODEL_PATH, Settings
 
 
@@ -96,14 +96,6 @@ def _server(command: list[str], port: int, ready_path: str, name: str) -> Iterat
             process.kill()
 
 
-def _metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 async def _service_metrics(url: str) -> str:
     return (await fetch(url + "/metrics")).decode()
 
@@ -111,7 +103,7 @@ async def _service_metrics(url: str) -> str:
 async def _measure_service(url: str, bodies: list[bytes], concurrency: int, duration_s: float,
                            headers: dict[str, str], rate: float | None = None) -> RunResult:
     before = await _service_metrics(url)
-    peak_rss = _metric(before, "process_resident_memory_bytes")
+    peak_rss = metric_value(before, "process_resident_memory_bytes")
     stop = asyncio.Event()
 
     async def watch_rss() -> None:
@@ -119,7 +111,7 @@ async def _measure_service(url: str, bodies: list[bytes], concurrency: int, dura
         while not stop.is_set():
             with contextlib.suppress(OSError, RuntimeError):
                 text = await _service_metrics(url)
-                peak_rss = max(peak_rss, _metric(text, "process_resident_memory_bytes"))
+                peak_rss = max(peak_rss, metric_value(text, "process_resident_memory_bytes"))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
 
@@ -139,8 +131,10 @@ async def _measure_service(url: str, bodies: list[bytes], concurrency: int, dura
     after = await _service_metrics(url)
     result = summarize("service", "closed" if rate is None else "open",
                        concurrency if rate is None else rate, samples, elapsed)
-    images = _metric(after, "dfine_images_total") - _metric(before, "dfine_images_total")
-    batches = _metric(after, "dfine_batch_size_count") - _metric(before, "dfine_batch_size_count")
+    def delta(name: str) -> float:
+        return metric_value(after, name) - metric_value(before, name)
+
+    images, batches = delta("dfine_images_total"), delta("dfine_batch_size_count")
     result.avg_batch_size = round(images / batches, 2) if batches else None
     result.rss_mb = round(peak_rss / 1e6, 1)
     return result
@@ -284,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
                 [python, "-m", "app.bench.peer", "--model", str(args.model), "--port",
                  str(port)], port, "/docs", "peer")).url
         idle = asyncio.run(_service_metrics(service_url))
-        idle_rss_mb = round(_metric(idle, "process_resident_memory_bytes") / 1e6, 1)
+        idle_rss_mb = round(metric_value(idle, "process_resident_memory_bytes") / 1e6, 1)
         results = asyncio.run(_run(args, service_url, peer_url, bodies, settings))
     single_ms = asyncio.run(single_call_ms(settings, bodies[0]))
     if args.overload:

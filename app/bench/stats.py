@@ -54,3 +54,9 @@ def summarize(target: str, mode: str, load: float, samples: list[Sample], durati
         errors={str(k): v for k, v in sorted(Counter(s.status for s in failed).items())},
         error_latency_ms_p99=error_p99,
     )
+
+
+def metric_value(exposition: str, name: str) -> float:
+    """The sum of a metric's samples (over its labels) in a Prometheus exposition text."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
+               if line.startswith((name + " ", name + "{")))

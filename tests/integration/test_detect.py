@@ -9,6 +9,7 @@ import cv2
 import httpx
 import numpy as np
 
+from app.bench.stats import metric_value
 from tests.helpers import Server, assert_same_detections, box_iou, encode, render_scene
 
 SEEDS = list(range(100, 112))
@@ -91,11 +92,6 @@ def test_batch_endpoint_equals_single_calls(server: Server) -> None:
     assert [r["image"] for r in results] == [s["image"] for s in singles]
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
-
-
 def test_32_concurrent_clients_get_correct_answers_in_batches(server: Server) -> None:
     images = [encode(render_scene(seed)[0]) for seed in range(200, 208)]
     expected = [httpx.post(f"{server.url}/detect", content=d, timeout=30,
@@ -117,9 +113,10 @@ def test_32_concurrent_clients_get_correct_answers_in_batches(server: Server) ->
     for k, answer in enumerate(answers):
         assert_same_detections(answer, expected[k % 8])
     after = httpx.get(f"{server.url}/metrics").text
-    images_run = _metric(after, "dfine_images_total") - _metric(before, "dfine_images_total")
-    batches = (_metric(after, "dfine_batch_size_count")
-               - _metric(before, "dfine_batch_size_count"))
+    images_run = (metric_value(after, "dfine_images_total")
+                  - metric_value(before, "dfine_images_total"))
+    batches = (metric_value(after, "dfine_batch_size_count")
+               - metric_value(before, "dfine_batch_size_count"))
     print(f"32 requests in {batches:.0f} engine runs: average batch {images_run / batches:.2f}")
     assert images_run == 32
     assert images_run / batches > 1

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from app.bench.stats import metric_value
 from app.errors import ServiceError
 from app.metrics import ERROR_CODES
 from tests.helpers import Server, encode, render_scene, run_server
@@ -17,9 +18,7 @@ IMAGE = encode(render_scene(4)[0])
 
 
 def _metric(server: Server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " "))
+    return metric_value(httpx.get(f"{server.url}/metrics").text, name)
 
 
 def test_every_error_code_has_a_metric_series_from_the_start() -> None:

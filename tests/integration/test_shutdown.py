@@ -9,12 +9,8 @@ from pathlib import Path
 
 import httpx
 
+from app.bench.stats import metric_value
 from tests.helpers import encode, render_scene, run_server
-
-
-def _gauge(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " "))
 
 
 def test_sigterm_during_load_finishes_accepted_requests_and_exits_0(tmp_path: Path) -> None:
@@ -30,7 +26,7 @@ def test_sigterm_during_load_finishes_accepted_requests_and_exits_0(tmp_path: Pa
                 deadline = time.monotonic() + 20
                 while queued < 8 and time.monotonic() < deadline:
                     metrics = (await http.get(f"{srv.url}/metrics")).text
-                    queued = _gauge(metrics, "dfine_queue_depth")
+                    queued = metric_value(metrics, "dfine_queue_depth")
                 srv.process.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.05)
                 ready, late = [], []
