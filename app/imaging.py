@@ -81,11 +81,31 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunks_fit(data: bytes) -> bool:
+    """False when a PNG chunk declares more bytes than the file holds.
+
+    OpenCV 5's PNG reader allocates a chunk's declared length before reading it, so a 50-byte
+    file declaring a 4 GB chunk costs gigabytes of memory; such a file is refused unread.
+    """
+    offset, end = 8, len(data)
+    while offset + 8 <= end:
+        length, kind = struct.unpack_from(">I4s", data, offset)
+        offset += 12 + length  # length, type, data, CRC
+        if offset > end:
+            return False
+        if kind == b"IEND":
+            break
+    return True
+
+
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) read from the header of PNG, JPEG, GIF, BMP, WebP and TIFF files, without
     decoding pixels; None when the format is unknown or the header is cut short."""
     try:
-        if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        if data[:8] == PNG_SIGNATURE and len(data) >= 24:
             width, height = struct.unpack(">II", data[16:24])
             return int(width), int(height)
         if data[:2] == b"\xff\xd8":
@@ -154,6 +174,8 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None) -> Decoded
                             f"{max_pixels} pixels")
     if size is not None and (size[0] == 0 or size[1] == 0):
         raise InvalidImage("the image header declares a zero width or height")
+    if data[:8] == PNG_SIGNATURE and not _png_chunks_fit(data):
+        raise InvalidImage("the PNG file is truncated: a chunk runs past its end")
     factor, flag = _reduction(data, size, min_side)
     image = cast(UInt8Image | None, cv2.imdecode(np.frombuffer(data, np.uint8), flag))
     if image is None or image.size == 0:

@@ -77,6 +77,10 @@ BAD: dict[str, tuple[Callable[[str], httpx.Response], int, str]] = {
     "only a jpeg start marker": (raw(b"\xff\xd8"), 400, "invalid_image"),
     "gif header only": (raw(b"GIF89a\x10\x00\x10\x00", "image/gif"), 400, "invalid_image"),
     "png of zero width": (raw(png_with(0, 10), "image/png"), 400, "invalid_image"),
+    # found by the decode fuzzer: OpenCV allocated the 4 GB this chunk declares
+    "png chunk declaring 4 GB": (raw(png_with(17, 9, struct.pack(">I4s", 0xFFFF1D17, b"IDAT")
+                                              + b"x\x9cc\x00"), "image/png"), 400,
+                                 "invalid_image"),
     # too large
     "pixel bomb png (20000x20000)": (raw(png_bomb(), "image/png"), 413, "image_too_large"),
     "bomb in a header alone": (raw(png_with(30000, 30000), "image/png"), 413, "image_too_large"),

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -87,6 +89,27 @@ def test_decompression_bomb_is_refused_from_the_header() -> None:
     bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + b"\0\0\0\0"
     with pytest.raises(ImageTooLarge):
         decode(bomb, 40_000_000)
+
+
+# Found by the decode fuzzer in CI: a 53-byte PNG whose second chunk declares 4 GB. OpenCV 5
+# allocates what a chunk declares before reading it, so this decode peaked at 4.1 GB of RSS.
+CHUNK_OVERRUN_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000110000000908020000ffffffffffffff1d1749444154789c6300"
+    "49454e44ae426082")
+
+
+def test_a_png_chunk_longer_than_the_file_is_refused_without_allocating_it() -> None:
+    probe = ("import resource, sys; from app.errors import InvalidImage; "
+             "from app.imaging import decode\n"
+             "try:\n    decode(bytes.fromhex(sys.argv[1]), 4_000_000)\n"
+             "except InvalidImage:\n    pass\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    result = subprocess.run([sys.executable, "-c", probe, CHUNK_OVERRUN_PNG.hex()],
+                            capture_output=True, text=True, check=True, timeout=60)
+    peak_mb = int(result.stdout.split()[-1])
+    assert peak_mb < 400, f"decoding 53 bytes peaked at {peak_mb} MB"
+    with pytest.raises(InvalidImage, match="chunk"):
+        decode(CHUNK_OVERRUN_PNG, 4_000_000)
 
 
 @pytest.mark.parametrize("data", [b"", b"not an image at all", encode(np.zeros((8, 8, 3),
