@@ -21,6 +21,8 @@ LETTERBOX_FILL = 114  # the grey YOLO-style letterboxing pads with
 
 UInt8Image = npt.NDArray[np.uint8]
 
+MAX_SIDE = 1 << 20  # OpenCV's CV_IO_MAX_IMAGE_WIDTH and _HEIGHT: it refuses longer sides
+
 
 @dataclass(frozen=True)
 class Letterbox:
@@ -172,12 +174,18 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None) -> Decoded
     if size is not None and size[0] * size[1] > max_pixels:
         raise ImageTooLarge(f"the image has {size[0]}x{size[1]} pixels; the limit is "
                             f"{max_pixels} pixels")
+    if size is not None and max(size) > MAX_SIDE:
+        raise ImageTooLarge(f"the image is {size[0]}x{size[1]} pixels; no side may exceed "
+                            f"{MAX_SIDE}")
     if size is not None and (size[0] == 0 or size[1] == 0):
         raise InvalidImage("the image header declares a zero width or height")
     if data[:8] == PNG_SIGNATURE and not _png_chunks_fit(data):
         raise InvalidImage("the PNG file is truncated: a chunk runs past its end")
     factor, flag = _reduction(data, size, min_side)
-    image = cast(UInt8Image | None, cv2.imdecode(np.frombuffer(data, np.uint8), flag))
+    try:
+        image = cast(UInt8Image | None, cv2.imdecode(np.frombuffer(data, np.uint8), flag))
+    except cv2.error as exc:  # OpenCV's own checks on what a header declares
+        raise InvalidImage() from exc
     if image is None or image.size == 0:
         raise InvalidImage()
     height, width = image.shape[:2]

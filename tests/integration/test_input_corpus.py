@@ -84,6 +84,9 @@ BAD: dict[str, tuple[Callable[[str], httpx.Response], int, str]] = {
     # too large
     "pixel bomb png (20000x20000)": (raw(png_bomb(), "image/png"), 413, "image_too_large"),
     "bomb in a header alone": (raw(png_with(30000, 30000), "image/png"), 413, "image_too_large"),
+    "webp 1310721 pixels wide, 1 high": (raw(bytes.fromhex(
+        "524946463c33000057454250565038580a000000000040570000140000000000000000410046"),
+        "image/webp"), 413, "image_too_large"),
     "bmp header with huge size": (raw(b"BM" + b"\0" * 16 + struct.pack("<ii", 90000, 90000)
                                       + b"\0" * 40, "image/bmp"), 413, "image_too_large"),
     "declared body over the limit": (raw(b"\0" * (LIMIT + 1)), 413, "payload_too_large"),

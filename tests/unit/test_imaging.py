@@ -114,6 +114,16 @@ def test_a_png_chunk_longer_than_the_file_is_refused_without_allocating_it() -> 
         decode(CHUNK_OVERRUN_PNG, 4_000_000)
 
 
+def test_a_side_longer_than_opencv_accepts_is_too_large_not_an_opencv_error() -> None:
+    # Found by `make fuzz`: a WebP canvas 1310721x1 passes the pixel limit, and cv2.imdecode
+    # raised cv2.error (CV_IO_MAX_IMAGE_WIDTH) instead of returning None.
+    webp = bytes.fromhex("524946463c33000057454250565038580a0000000000405700001400000000000000"
+                         "00410046")
+    assert header_size(webp) == (1310721, 1)
+    with pytest.raises(ImageTooLarge, match="no side"):
+        decode(webp, 4_000_000)
+
+
 @pytest.mark.parametrize("data", [b"", b"not an image at all", encode(np.zeros((8, 8, 3),
                                                                               np.uint8))[:40]])
 def test_undecodable_bytes_are_invalid_image(data: bytes) -> None:
