@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -42,6 +43,11 @@ async def _load(state: AppState, engine: OnnxEngine | None) -> None:
             "providers": ",".join(info.providers),
             "input_size": f"{info.input_width}x{info.input_height}"})
         state.metrics.queue_capacity.set(settings.max_queue)
+        # What startup built (modules, the app, the model's session) lives as long as the
+        # process: frozen, it is no longer scanned by every full garbage collection, which
+        # would otherwise stall the event loop for milliseconds at a time.
+        gc.collect()
+        gc.freeze()
         detector.start()
         state.detector = detector
     except Exception as exc:

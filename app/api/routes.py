@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -61,24 +61,34 @@ class ClientGone(ServiceError):
     code, status, message = "client_closed", 499, "client closed the request"
 
 
-async def _until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work``, cancelling it if the client disconnects first: a request whose client has
-    gone is dropped from the queue before it runs."""
-    task = asyncio.ensure_future(work)
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first: a request whose client has
+    gone is dropped from the queue before it runs.
 
-    async def disconnected() -> None:
+    One watcher task cancels this one; racing ``work`` in a task of its own costs a second task
+    and an ``asyncio.wait`` on every request.
+    """
+    this = asyncio.current_task()
+    assert this is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        gone = True
+        this.cancel()
 
-    watcher = asyncio.ensure_future(disconnected())
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not gone:  # cancelled from elsewhere (shutdown): not ours to absorb
+            raise
+        this.uncancel()
+        raise ClientGone() from None
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        raise ClientGone()
-    return task.result()
 
 
 def _result_body(model: str, result: DetectResult) -> dict[str, Any]:

@@ -27,7 +27,8 @@ async def _limited(request: Request, limit: int, read_timeout_s: float
     chunks = request.stream().__aiter__()
     while True:
         try:
-            chunk = await asyncio.wait_for(chunks.__anext__(), read_timeout_s)
+            async with asyncio.timeout(read_timeout_s):  # unlike wait_for, no task per chunk
+                chunk = await chunks.__anext__()
         except StopAsyncIteration:
             return
         except TimeoutError:
