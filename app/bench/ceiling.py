@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from app.bench.load import Progress
 from app.bench.stats import Sample
@@ -15,11 +16,17 @@ from app.metrics import Metrics
 from app.service import Detector, DetectParams
 
 
+@dataclass
+class CeilingRun:
+    samples: list[Sample]
+    elapsed_s: float
+    avg_batch_size: float
+    cpu_s: float  # this process's CPU during the loop (no HTTP client or server to count)
+
+
 async def ceiling_loop(settings: Settings, bodies: list[bytes], concurrency: int,
-                       duration_s: float, progress: Progress | None = None
-                       ) -> tuple[list[Sample], float, float]:
-    """Closed loop on a Detector built from ``settings``. Returns samples, elapsed seconds and
-    the average batch size."""
+                       duration_s: float, progress: Progress | None = None) -> CeilingRun:
+    """Closed loop on a Detector built from ``settings``."""
     engine = await asyncio.to_thread(OnnxEngine.load, settings)
     metrics = Metrics()
     detector = Detector(engine, settings, metrics)
@@ -27,6 +34,7 @@ async def ceiling_loop(settings: Settings, bodies: list[bytes], concurrency: int
     detector.start()
     params = DetectParams(settings.score_threshold, settings.max_detections)
     samples: list[Sample] = []
+    cpu_started = time.process_time()  # every thread of this process: engine, decode, loop
     started = time.perf_counter()
     stop_at = started + duration_s
 
@@ -46,10 +54,11 @@ async def ceiling_loop(settings: Settings, bodies: list[bytes], concurrency: int
 
     await asyncio.gather(*(client(k) for k in range(concurrency)))
     elapsed = time.perf_counter() - started
+    cpu_s = time.process_time() - cpu_started
     await detector.stop()
     images = metrics.registry.get_sample_value("dfine_images_total") or 0.0
     batches = metrics.registry.get_sample_value("dfine_batch_size_count") or 0.0
-    return samples, elapsed, (images / batches) if batches else 1.0
+    return CeilingRun(samples, elapsed, (images / batches) if batches else 1.0, cpu_s)
 
 
 async def single_call_ms(settings: Settings, body: bytes, repeats: int = 50) -> float:

@@ -31,7 +31,7 @@ from app.bench.ceiling import ceiling_loop, single_call_ms
 from app.bench.images import folder_images, synthetic_jpegs
 from app.bench.load import closed_loop, fetch, open_loop
 from app.bench.plot import write_plot
-from app.bench.stats import RunResult, Sample, metric_value, summarize
+from app.bench.stats import RunResult, Sample, metric_value, process_cpu_s, summarize
 from app.config import DEFAULT_MODEL_PATH, Settings
 
 
@@ -68,7 +68,11 @@ def free_port() -> int:
 @dataclass
 class Started:
     url: str
-    process: subprocess.Popen[bytes] | None
+    process: subprocess.Popen[bytes] | None  # None: a service the bench did not start
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
 
 
 @contextlib.contextmanager
@@ -100,8 +104,15 @@ async def _service_metrics(url: str) -> str:
     return (await fetch(url + "/metrics")).decode()
 
 
+def _cpu_per_request_ms(pid: int | None, cpu_before: float, ok: int) -> float | None:
+    if pid is None or not ok:
+        return None
+    return round((process_cpu_s(pid) - cpu_before) / ok * 1000, 2)
+
+
 async def _measure_service(url: str, bodies: list[bytes], concurrency: int, duration_s: float,
-                           headers: dict[str, str], rate: float | None = None) -> RunResult:
+                           headers: dict[str, str], rate: float | None = None,
+                           pid: int | None = None) -> RunResult:
     before = await _service_metrics(url)
     peak_rss = metric_value(before, "process_resident_memory_bytes")
     stop = asyncio.Event()
@@ -119,6 +130,7 @@ async def _measure_service(url: str, bodies: list[bytes], concurrency: int, dura
     label = f"service c={concurrency}" if rate is None else f"service {rate:g} req/s"
     bar = ProgressBar(label, duration_s)
     samples: list[Sample]
+    cpu_before = process_cpu_s(pid) if pid else 0.0
     if rate is None:
         samples, elapsed = await closed_loop(url + "/detect", bodies, concurrency, duration_s,
                                              headers, bar)
@@ -126,6 +138,7 @@ async def _measure_service(url: str, bodies: list[bytes], concurrency: int, dura
         samples, elapsed = await open_loop(url + "/detect", bodies, rate, duration_s, headers,
                                            progress=bar)
     bar.close()
+    cpu_ms = _cpu_per_request_ms(pid, cpu_before, sum(s.status == 200 for s in samples))
     stop.set()
     await watcher
     after = await _service_metrics(url)
@@ -137,17 +150,20 @@ async def _measure_service(url: str, bodies: list[bytes], concurrency: int, dura
     images, batches = delta("dfine_images_total"), delta("dfine_batch_size_count")
     result.avg_batch_size = round(images / batches, 2) if batches else None
     result.rss_mb = round(peak_rss / 1e6, 1)
+    result.cpu_ms_per_request = cpu_ms
     return result
 
 
-async def _measure_peer(url: str, bodies: list[bytes], concurrency: int, duration_s: float
-                        ) -> RunResult:
+async def _measure_peer(url: str, bodies: list[bytes], concurrency: int, duration_s: float,
+                        pid: int | None) -> RunResult:
     bar = ProgressBar(f"peer c={concurrency}", duration_s)
+    cpu_before = process_cpu_s(pid) if pid else 0.0
     samples, elapsed = await closed_loop(url + "/detect", bodies, concurrency, duration_s,
                                          progress=bar)
     bar.close()
     result = summarize("peer", "closed", concurrency, samples, elapsed)
     result.avg_batch_size = 1.0
+    result.cpu_ms_per_request = _cpu_per_request_ms(pid, cpu_before, result.ok)
     return result
 
 
@@ -158,11 +174,11 @@ async def _measure_ceiling(settings: Settings, bodies: list[bytes], concurrency:
     for count in instances:
         bar = ProgressBar(f"ceiling c={concurrency} i={count}", duration_s)
         tuned = settings.model_copy(update={"instances": count})
-        samples, elapsed, avg_batch = await ceiling_loop(tuned, bodies, concurrency, duration_s,
-                                                         bar)
+        run = await ceiling_loop(tuned, bodies, concurrency, duration_s, bar)
         bar.close()
-        result = summarize("ceiling", "closed", concurrency, samples, elapsed)
-        result.avg_batch_size = round(avg_batch, 2)
+        result = summarize("ceiling", "closed", concurrency, run.samples, run.elapsed_s)
+        result.avg_batch_size = round(run.avg_batch_size, 2)
+        result.cpu_ms_per_request = round(run.cpu_s / result.ok * 1000, 2) if result.ok else None
         result.extra = {"instances": count}
         if best is None or result.throughput_rps > best.throughput_rps:
             best = result
@@ -172,7 +188,7 @@ async def _measure_ceiling(settings: Settings, bodies: list[bytes], concurrency:
 
 def _table(results: list[RunResult]) -> str:
     lines = ["| target | load | req/s | p50 ms | p90 ms | p99 ms | max ms | avg batch | errors |"
-             " RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             " RSS MB | CPU ms/req |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         load = f"c={r.load:g}" if r.mode == "closed" else f"{r.load:g} req/s"
         lat = r.latency_ms
@@ -181,11 +197,12 @@ def _table(results: list[RunResult]) -> str:
             f"{lat['p90']:.1f} | {lat['p99']:.1f} | {lat['max']:.1f} | "
             f"{r.avg_batch_size if r.avg_batch_size is not None else '-'} | "
             f"{json.dumps(r.errors) if r.errors else '-'} | "
-            f"{r.rss_mb if r.rss_mb is not None else '-'} |")
+            f"{r.rss_mb if r.rss_mb is not None else '-'} | "
+            f"{r.cpu_ms_per_request if r.cpu_ms_per_request is not None else '-'} |")
     return "\n".join(lines)
 
 
-def _ratios(results: list[RunResult]) -> dict[str, dict[str, float]]:
+def throughput_ratios(results: list[RunResult]) -> dict[str, dict[str, float]]:
     by = {(r.target, r.load): r for r in results if r.mode == "closed"}
     ratios: dict[str, dict[str, float]] = {}
     for (target, load), service in by.items():
@@ -197,7 +214,23 @@ def _ratios(results: list[RunResult]) -> dict[str, dict[str, float]]:
                 entry[f"service/{other}"] = round(
                     service.throughput_rps / by[(other, load)].throughput_rps, 3)
         ratios[f"c={load:g}"] = entry
+    # Overload against the best the machine did in-process at any concurrency.
+    best = max((r.throughput_rps for r in by.values() if r.target == "ceiling"), default=0.0)
+    for r in results:
+        if r.target == "service-overload" and best:
+            ratios[f"overload c={r.load:g}"] = {
+                "service/best ceiling": round(r.throughput_rps / best, 3)}
     return ratios
+
+
+def median_run(runs: list[RunResult]) -> RunResult:
+    """The run with the median throughput (the lower middle one for an even count), its
+    siblings' throughputs kept in ``extra``: one noisy run neither makes nor breaks a ratio."""
+    ranked = sorted(runs, key=lambda r: r.throughput_rps)
+    chosen = ranked[(len(ranked) - 1) // 2]
+    if len(runs) > 1:
+        chosen.extra = {**chosen.extra, "repeats_rps": [r.throughput_rps for r in runs]}
+    return chosen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, action="append", default=[],
                    help="also an open loop at this many requests/s (Poisson); repeatable")
     p.add_argument("--duration-s", type=float, default=10.0, help="per measurement")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure every target this many times, interleaved, and report each "
+                        "one's median run (for noisy machines)")
     p.add_argument("--images", type=Path, help="folder of images (default: synthetic JPEGs)")
     p.add_argument("--count", type=int, default=16, help="synthetic images to generate")
     p.add_argument("--width", type=int, default=640)
@@ -233,27 +269,29 @@ def _settings_for(model: Path, service_args: str) -> Settings:
     return settings_from_args(["--model-path", str(model), *shlex.split(service_args)])
 
 
-async def _run(args: argparse.Namespace, service_url: str | None, peer_url: str | None,
+async def _run(args: argparse.Namespace, service: Started, peer: Started | None,
                bodies: list[bytes], settings: Settings) -> list[RunResult]:
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
     results: list[RunResult] = []
     instances = [int(v) for v in args.ceiling_instances.split(",") if v]
     for concurrency in [int(v) for v in args.concurrency.split(",") if v]:
-        first = len(results)
-        if service_url:
-            results.append(await _measure_service(service_url, bodies, concurrency,
-                                                  args.duration_s, headers))
-        if peer_url:
-            results.append(await _measure_peer(peer_url, bodies, concurrency, args.duration_s))
-        if not args.no_ceiling:
-            results.append(await _measure_ceiling(settings, bodies, concurrency,
-                                                  args.duration_s, instances))
-        for line in _table(results[first:]).splitlines()[2:]:
+        runs: dict[str, list[RunResult]] = {}
+        for _ in range(args.repeat):
+            runs.setdefault("service", []).append(await _measure_service(
+                service.url, bodies, concurrency, args.duration_s, headers, pid=service.pid))
+            if peer:
+                runs.setdefault("peer", []).append(await _measure_peer(
+                    peer.url, bodies, concurrency, args.duration_s, peer.pid))
+            if not args.no_ceiling:
+                runs.setdefault("ceiling", []).append(await _measure_ceiling(
+                    settings, bodies, concurrency, args.duration_s, instances))
+        chosen = [median_run(target_runs) for target_runs in runs.values()]
+        results.extend(chosen)
+        for line in _table(chosen).splitlines()[2:]:
             print(line, flush=True)
-    if service_url:
-        for rate in args.rate:
-            results.append(await _measure_service(service_url, bodies, 0, args.duration_s,
-                                                  headers, rate=rate))
+    for rate in args.rate:
+        results.append(await _measure_service(service.url, bodies, 0, args.duration_s,
+                                              headers, rate=rate, pid=service.pid))
     return results
 
 
@@ -264,22 +302,22 @@ def main(argv: list[str] | None = None) -> None:
     settings = _settings_for(args.model, args.service_args)
     python = sys.executable
     with contextlib.ExitStack() as stack:
-        service_url = args.url
-        if service_url is None:
+        service = Started(args.url, None)
+        if args.url is None:
             port = free_port()
-            service_url = stack.enter_context(_server(
+            service = stack.enter_context(_server(
                 [python, "-m", "app", "--model-path", str(args.model), "--port", str(port),
                  "--log-level", "warning", *shlex.split(args.service_args)],
-                port, "/readyz", "service")).url
-        peer_url = None
+                port, "/readyz", "service"))
+        peer = None
         if not args.no_peer:
             port = free_port()
-            peer_url = stack.enter_context(_server(
+            peer = stack.enter_context(_server(
                 [python, "-m", "app.bench.peer", "--model", str(args.model), "--port",
-                 str(port)], port, "/docs", "peer")).url
-        idle = asyncio.run(_service_metrics(service_url))
+                 str(port)], port, "/docs", "peer"))
+        idle = asyncio.run(_service_metrics(service.url))
         idle_rss_mb = round(metric_value(idle, "process_resident_memory_bytes") / 1e6, 1)
-        results = asyncio.run(_run(args, service_url, peer_url, bodies, settings))
+        results = asyncio.run(_run(args, service, peer, bodies, settings))
     single_ms = asyncio.run(single_call_ms(settings, bodies[0]))
     if args.overload:
         port = free_port()
@@ -287,10 +325,11 @@ def main(argv: list[str] | None = None) -> None:
                       str(port), "--log-level", "warning", "--max-queue",
                       str(args.overload_queue), *shlex.split(args.service_args)],
                      port, "/readyz", "service (overload)") as overloaded:
-            result = asyncio.run(_measure_service(overloaded.url, bodies, args.overload,
-                                                  args.duration_s, {}))
+            result = median_run([asyncio.run(_measure_service(
+                overloaded.url, bodies, args.overload, args.duration_s, {},
+                pid=overloaded.pid)) for _ in range(args.repeat)])
         result.target = "service-overload"
-        result.extra = {"max_queue": args.overload_queue}
+        result.extra = {**result.extra, "max_queue": args.overload_queue}
         results.append(result)
 
     report: dict[str, Any] = {
@@ -300,10 +339,10 @@ def main(argv: list[str] | None = None) -> None:
         "model": str(args.model), "service_args": args.service_args,
         "images": {"count": len(bodies), "source": str(args.images or "synthetic"),
                    "size": None if args.images else f"{args.width}x{args.height}"},
-        "duration_s": args.duration_s,
+        "duration_s": args.duration_s, "repeat": args.repeat,
         "single_inprocess_call_ms": round(single_ms, 2),
         "idle_rss_mb": idle_rss_mb,
-        "ratios": _ratios(results),
+        "ratios": throughput_ratios(results),
         "results": [r.as_dict() for r in results],
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ class RunResult:
     error_latency_ms_p99: float | None = None  # how fast refusals came back
     avg_batch_size: float | None = None
     rss_mb: float | None = None
+    cpu_ms_per_request: float | None = None  # the server's CPU (all threads) per success
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -54,6 +57,12 @@ def summarize(target: str, mode: str, load: float, samples: list[Sample], durati
         errors={str(k): v for k, v in sorted(Counter(s.status for s in failed).items())},
         error_latency_ms_p99=error_p99,
     )
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metric_value(exposition: str, name: str) -> float:

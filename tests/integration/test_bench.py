@@ -13,7 +13,7 @@ from app.cli import main
 
 def test_bench_writes_results_with_ratios_and_a_plot(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    main(["bench", "--concurrency", "1,4", "--duration-s", "1.5", "--count", "4",
+    main(["bench", "--concurrency", "1,4", "--duration-s", "1", "--count", "4", "--repeat", "2",
           "--ceiling-instances", "1", "--rate", "10", "--overload", "8", "--overload-queue", "1",
           "--out", str(out)])
     report = json.loads((out / "bench.json").read_text())
@@ -29,6 +29,13 @@ def test_bench_writes_results_with_ratios_and_a_plot(tmp_path: Path) -> None:
     overload = next(r for r in results if r["target"] == "service-overload")
     assert set(overload["errors"]) <= {"503"}
     assert set(report["ratios"]["c=4"]) == {"service/ceiling", "service/peer"}
+    assert set(report["ratios"]["overload c=8"]) == {"service/best ceiling"}
+    assert len(service["extra"]["repeats_rps"]) == 2
+    # CPU per request: the service and peer from /proc, the ceiling from its own process; a
+    # D-FINE-N run alone costs several ms of CPU, and no answer costs a second.
+    for r in results:
+        if r["mode"] == "closed":
+            assert 3 < r["cpu_ms_per_request"] < 1000, r
     assert report["single_inprocess_call_ms"] > 0 and report["idle_rss_mb"] > 50
     plot = cv2.imread(str(out / "bench.png"))
     assert plot is not None and plot.shape[1] > 500

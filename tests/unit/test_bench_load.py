@@ -1,11 +1,13 @@
-"""The bench's load generator against a tiny asyncio HTTP server (keep-alive and close)."""
+"""The bench's load generator against a tiny asyncio HTTP server (keep-alive and close), and
+how it sums up repeated runs."""
 
 from __future__ import annotations
 
 import asyncio
 
+from app.bench.cli import median_run, throughput_ratios
 from app.bench.load import closed_loop, open_loop
-from app.bench.stats import Sample, summarize
+from app.bench.stats import RunResult, Sample, summarize
 
 
 async def serve(close_every: int = 0) -> tuple[asyncio.Server, int, list[int]]:
@@ -50,3 +52,21 @@ def test_summary_percentiles_and_errors() -> None:
     assert result.ok == 100 and result.throughput_rps == 50
     assert result.latency_ms["p50"] == 505.0 and result.latency_ms["max"] == 1000.0
     assert result.errors == {"503": 5} and result.error_latency_ms_p99 == 1.0
+
+
+def test_median_run_picks_the_middle_throughput_and_keeps_the_others() -> None:
+    runs = [summarize("service", "closed", 8, [Sample(200, 0.01)] * n, 1.0) for n in (70, 50, 60)]
+    chosen = median_run(runs)
+    assert chosen.throughput_rps == 60
+    assert chosen.extra["repeats_rps"] == [70, 50, 60]
+    assert median_run(runs[:1]).extra == {}
+
+
+def test_overload_is_compared_with_the_best_ceiling_of_the_run() -> None:
+    def run(target: str, load: float, rps: int) -> RunResult:
+        return summarize(target, "closed", load, [Sample(200, 0.01)] * rps, 1.0)
+
+    ratios = throughput_ratios([run("service", 8, 69), run("ceiling", 8, 72),
+                                run("ceiling", 32, 75), run("service-overload", 64, 60)])
+    assert ratios["c=8"] == {"service/ceiling": round(69 / 72, 3)}
+    assert ratios["overload c=64"] == {"service/best ceiling": 0.8}
