@@ -43,7 +43,7 @@ soak: $(STAMP)
 	$(PY) -m tests.soak --requests 20000
 
 bench: $(STAMP)
-	$(PY) -m app bench --concurrency 1,8,32 --overload 64 --out build/bench
+	$(PY) -m app bench --concurrency 1,8,32 --repeat 3 --overload 64 --out build/bench
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix app models tests
