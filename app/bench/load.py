@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import orjson
+
 from app.bench.images import content_type
 from app.bench.stats import Sample
 
@@ -88,19 +90,34 @@ async def fetch(url: str) -> bytes:
     return body
 
 
-async def _send(connection: Connection, path: str, body: bytes) -> Sample:
+async def _send(connection: Connection, path: str, body: bytes, server_timing: bool = False
+                ) -> Sample:
     started = time.perf_counter()
     try:
-        status, _ = await connection.request("POST", path, body, content_type(body))
+        status, payload = await connection.request("POST", path, body, content_type(body))
     except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
-        status = 0
-    return Sample(status, time.perf_counter() - started)
+        return Sample(0, time.perf_counter() - started)
+    sample = Sample(status, time.perf_counter() - started)
+    if server_timing and status == 200:
+        sample.server_s = _server_total_s(payload)
+    return sample
+
+
+def _server_total_s(payload: bytes) -> float | None:
+    """The service's own time for the request (``timing_ms.total``: decode to postprocess, what
+    one in-process call measures), so that latency minus it is what HTTP adds."""
+    try:
+        return float(orjson.loads(payload)["timing_ms"]["total"]) / 1000
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 async def closed_loop(url: str, bodies: list[bytes], concurrency: int, duration_s: float,
                       headers: dict[str, str] | None = None,
-                      progress: Progress | None = None) -> tuple[list[Sample], float]:
-    """``concurrency`` clients, each sending its next request when the last one is answered."""
+                      progress: Progress | None = None,
+                      server_timing: bool = False) -> tuple[list[Sample], float]:
+    """``concurrency`` clients, each sending its next request when the last one is answered.
+    ``server_timing``: read the service's own time from each answer (costs client CPU)."""
     endpoint = Endpoint.parse(url)
     samples: list[Sample] = []
     order = itertools.cycle(range(len(bodies)))
@@ -111,7 +128,8 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, duration_
         connection = Connection(endpoint.host, endpoint.port, headers)
         try:
             while time.perf_counter() < stop_at:
-                samples.append(await _send(connection, endpoint.path, bodies[next(order)]))
+                samples.append(await _send(connection, endpoint.path, bodies[next(order)],
+                                           server_timing))
                 if progress:
                     progress(1)
         finally:

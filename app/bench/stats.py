@@ -15,6 +15,7 @@ import numpy as np
 class Sample:
     status: int  # HTTP status; 0 for a transport error
     latency_s: float
+    server_s: float | None = None  # the service's own time for it, when read from the answer
 
 
 @dataclass
@@ -33,6 +34,8 @@ class RunResult:
     avg_batch_size: float | None = None
     rss_mb: float | None = None
     cpu_ms_per_request: float | None = None  # the server's CPU (all threads) per success
+    # latency minus the service's own time (HTTP, the client): p50 and p99, when read
+    http_ms: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -48,8 +51,12 @@ def summarize(target: str, mode: str, load: float, samples: list[Sample], durati
     percentiles["max"] = round(float(np.max(latencies)), 2)
     error_p99 = (round(float(np.percentile([s.latency_s * 1000 for s in failed], 99)), 2)
                  if failed else None)
+    added = [(s.latency_s - s.server_s) * 1000 for s in samples
+             if s.status == 200 and s.server_s is not None]
+    http_ms = ({f"p{q}": round(float(np.percentile(added, q)), 2) for q in (50, 99)}
+               if added else None)
     return RunResult(
-        target=target, mode=mode, load=load, duration_s=round(duration_s, 3),
+        target=target, mode=mode, load=load, duration_s=round(duration_s, 3), http_ms=http_ms,
         requests=len(samples), ok=len(ok),
         throughput_rps=round(len(ok) / duration_s, 2),
         images_per_s=round(len(ok) * images_per_request / duration_s, 2),

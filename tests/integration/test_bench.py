@@ -31,6 +31,10 @@ def test_bench_writes_results_with_ratios_and_a_plot(tmp_path: Path) -> None:
     assert set(report["ratios"]["c=4"]) == {"service/ceiling", "service/peer"}
     assert set(report["ratios"]["overload c=8"]) == {"service/best ceiling"}
     assert len(service["extra"]["repeats_rps"]) == 2
+    # At c=1 the service's own timing is read back: HTTP adds a little, never a negative time.
+    lone = next(r for r in results if r["target"] == "service" and r["load"] == 1)
+    assert 0 < lone["http_ms"]["p50"] <= lone["http_ms"]["p99"] < lone["latency_ms"]["p99"]
+    assert service["http_ms"] is None
     # CPU per request: the service and peer from /proc, the ceiling from its own process; a
     # D-FINE-N run alone costs several ms of CPU, and no answer costs a second.
     for r in results:

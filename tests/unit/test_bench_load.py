@@ -70,3 +70,11 @@ def test_overload_is_compared_with_the_best_ceiling_of_the_run() -> None:
                                 run("ceiling", 32, 75), run("service-overload", 64, 60)])
     assert ratios["c=8"] == {"service/ceiling": round(69 / 72, 3)}
     assert ratios["overload c=64"] == {"service/best ceiling": 0.8}
+
+
+def test_http_time_is_latency_minus_the_services_own_time() -> None:
+    samples = [Sample(200, 0.020 + i / 10000, server_s=0.019) for i in range(100)]
+    samples += [Sample(200, 0.5), Sample(503, 0.1, server_s=None)]  # not read: left out
+    result = summarize("service", "closed", 1, samples, 1.0)
+    assert result.http_ms is not None and 5.9 < result.http_ms["p50"] < 6.0
+    assert summarize("peer", "closed", 1, [Sample(200, 0.02)], 1.0).http_ms is None
