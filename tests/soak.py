@@ -20,11 +20,13 @@ from app.bench.load import Connection
 from tests.helpers import run_server
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int | str, peak: bool = False) -> float:
+    """Resident memory of a process (pid or "self"), or its peak so far (VmHWM)."""
+    field = "VmHWM:" if peak else "VmRSS:"
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
 
 
 def open_fds(pid: int) -> int:

@@ -100,12 +100,11 @@ CHUNK_OVERRUN_PNG = bytes.fromhex(
 
 def test_a_png_chunk_longer_than_the_file_is_refused_without_allocating_it() -> None:
     # VmHWM, not ru_maxrss: Linux carries the forking parent's peak (pytest's) into ru_maxrss.
-    probe = ("import re, sys; from app.errors import InvalidImage; "
-             "from app.imaging import decode\n"
+    probe = ("import sys; from app.errors import InvalidImage; "
+             "from app.imaging import decode; from tests.soak import rss_mb\n"
              "try:\n    decode(bytes.fromhex(sys.argv[1]), 4_000_000)\n"
              "except InvalidImage:\n    pass\n"
-             "status = open('/proc/self/status').read()\n"
-             "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', status)[1]) // 1024)")
+             "print(int(rss_mb('self', peak=True)))")
     result = subprocess.run([sys.executable, "-c", probe, CHUNK_OVERRUN_PNG.hex()],
                             capture_output=True, text=True, check=True, timeout=60)
     peak_mb = int(result.stdout.split()[-1])
