@@ -104,10 +104,9 @@ async def _service_metrics(url: str) -> str:
     return (await fetch(url + "/metrics")).decode()
 
 
-def _cpu_per_request_ms(pid: int | None, cpu_before: float, ok: int) -> float | None:
-    if pid is None or not ok:
-        return None
-    return round((process_cpu_s(pid) - cpu_before) / ok * 1000, 2)
+def _cpu_since(pid: int | None, cpu_before: float) -> float | None:
+    """CPU seconds the server ``pid`` used since it had used ``cpu_before``; None without one."""
+    return None if pid is None else process_cpu_s(pid) - cpu_before
 
 
 async def _measure_service(url: str, bodies: list[bytes], concurrency: int, duration_s: float,
@@ -140,19 +139,18 @@ async def _measure_service(url: str, bodies: list[bytes], concurrency: int, dura
         samples, elapsed = await open_loop(url + "/detect", bodies, rate, duration_s, headers,
                                            progress=bar)
     bar.close()
-    cpu_ms = _cpu_per_request_ms(pid, cpu_before, sum(s.status == 200 for s in samples))
+    cpu_s = _cpu_since(pid, cpu_before)
     stop.set()
     await watcher
     after = await _service_metrics(url)
     result = summarize("service", "closed" if rate is None else "open",
-                       concurrency if rate is None else rate, samples, elapsed)
+                       concurrency if rate is None else rate, samples, elapsed, cpu_s=cpu_s)
     def delta(name: str) -> float:
         return metric_value(after, name) - metric_value(before, name)
 
     images, batches = delta("dfine_images_total"), delta("dfine_batch_size_count")
     result.avg_batch_size = round(images / batches, 2) if batches else None
     result.rss_mb = round(peak_rss / 1e6, 1)
-    result.cpu_ms_per_request = cpu_ms
     return result
 
 
@@ -163,9 +161,9 @@ async def _measure_peer(url: str, bodies: list[bytes], concurrency: int, duratio
     samples, elapsed = await closed_loop(url + "/detect", bodies, concurrency, duration_s,
                                          progress=bar)
     bar.close()
-    result = summarize("peer", "closed", concurrency, samples, elapsed)
+    result = summarize("peer", "closed", concurrency, samples, elapsed,
+                       cpu_s=_cpu_since(pid, cpu_before))
     result.avg_batch_size = 1.0
-    result.cpu_ms_per_request = _cpu_per_request_ms(pid, cpu_before, result.ok)
     return result
 
 
@@ -178,9 +176,9 @@ async def _measure_ceiling(settings: Settings, bodies: list[bytes], concurrency:
         tuned = settings.model_copy(update={"instances": count})
         run = await ceiling_loop(tuned, bodies, concurrency, duration_s, bar)
         bar.close()
-        result = summarize("ceiling", "closed", concurrency, run.samples, run.elapsed_s)
+        result = summarize("ceiling", "closed", concurrency, run.samples, run.elapsed_s,
+                           cpu_s=run.cpu_s)
         result.avg_batch_size = round(run.avg_batch_size, 2)
-        result.cpu_ms_per_request = round(run.cpu_s / result.ok * 1000, 2) if result.ok else None
         result.extra = {"instances": count}
         if best is None or result.throughput_rps > best.throughput_rps:
             best = result

@@ -43,7 +43,8 @@ class RunResult:
 
 
 def summarize(target: str, mode: str, load: float, samples: list[Sample], duration_s: float,
-              images_per_request: int = 1) -> RunResult:
+              images_per_request: int = 1, cpu_s: float | None = None) -> RunResult:
+    """``cpu_s``: the server's CPU seconds over the run, when known."""
     ok = [s.latency_s for s in samples if s.status == 200]
     failed = [s for s in samples if s.status != 200]
     latencies = np.asarray(ok) * 1000 if ok else np.asarray([np.nan])
@@ -63,6 +64,7 @@ def summarize(target: str, mode: str, load: float, samples: list[Sample], durati
         latency_ms=percentiles,
         errors={str(k): v for k, v in sorted(Counter(s.status for s in failed).items())},
         error_latency_ms_p99=error_p99,
+        cpu_ms_per_request=round(cpu_s / len(ok) * 1000, 2) if cpu_s is not None and ok else None,
     )
 
 

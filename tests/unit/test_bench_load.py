@@ -52,6 +52,8 @@ def test_summary_percentiles_and_errors() -> None:
     assert result.ok == 100 and result.throughput_rps == 50
     assert result.latency_ms["p50"] == 505.0 and result.latency_ms["max"] == 1000.0
     assert result.errors == {"503": 5} and result.error_latency_ms_p99 == 1.0
+    assert result.cpu_ms_per_request is None  # no server CPU given
+    assert summarize("ceiling", "closed", 8, samples, 2.0, cpu_s=2.5).cpu_ms_per_request == 25.0
 
 
 def test_median_run_picks_the_middle_throughput_and_keeps_the_others() -> None:
