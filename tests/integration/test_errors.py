@@ -60,25 +60,25 @@ def flood(url: str, count: int) -> list[httpx.Response]:
     return asyncio.run(send_all())
 
 
+def first_refusal(responses: list[httpx.Response], status: int, code: str) -> httpx.Response:
+    """Some of a flood answered, the rest refused with ``status`` and ``code``, nothing else."""
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, status} and 200 in statuses, statuses
+    refused = [r for r in responses if r.status_code == status]
+    assert refused, statuses
+    assert_error(refused[0], status, code)
+    return refused[0]
+
+
 def test_full_queue_gets_503_overloaded_with_retry_after(tmp_path: Path) -> None:
     with run_server(tmp_path, "--max-queue", "2", "--max-batch-size", "1") as srv:
-        responses = flood(srv.url, 40)
-        statuses = [r.status_code for r in responses]
-        assert set(statuses) <= {200, 503} and 200 in statuses, statuses
-        overloaded = [r for r in responses if r.status_code == 503]
-        assert overloaded, statuses
-        assert_error(overloaded[0], 503, "overloaded")
-        assert int(overloaded[0].headers["Retry-After"]) >= 1
+        overloaded = first_refusal(flood(srv.url, 40), 503, "overloaded")
+        assert int(overloaded.headers["Retry-After"]) >= 1
         assert post_raw(f"{srv.url}/detect", GOOD).status_code == 200
 
 
 def test_requests_whose_deadline_passes_in_the_queue_get_504(tmp_path: Path) -> None:
     # One image a run, ~15-40 ms each: the later of 12 queued requests wait past 60 ms.
     with run_server(tmp_path, "--max-batch-size", "1", "--request-timeout-s", "0.06") as srv:
-        responses = flood(srv.url, 12)
-        statuses = [r.status_code for r in responses]
-        assert set(statuses) <= {200, 504} and 200 in statuses, statuses
-        late = [r for r in responses if r.status_code == 504]
-        assert late, statuses
-        assert_error(late[0], 504, "timeout")
+        first_refusal(flood(srv.url, 12), 504, "timeout")
         assert post_raw(f"{srv.url}/detect", GOOD).status_code == 200
