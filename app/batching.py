@@ -8,12 +8,15 @@ about a tenth of the time under load); results go back to the loop with call_soo
 Policy. A batch closes when it holds ``max_batch_size`` items, or ``max_delay_s`` after its first
 item was queued, or at once when no engine run is in flight: waiting for company only pays
 while the engine is busy anyway, so a lone request on an idle engine never waits. Under load the
-queue fills while runs are in flight, and batches form by themselves.
+queue fills while runs are in flight, and batches form by themselves. With ``batch_sizes`` (the
+engine's buckets), a batch takes the largest size the queue fills and leaves the rest for the
+next, so that no run is padded while items wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import threading
@@ -59,6 +62,19 @@ class NullObserver:
         pass
 
 
+def batch_to_take(available: int, sizes: tuple[int, ...] | None, max_batch_size: int) -> int:
+    """How many of ``available`` queued items the next batch takes.
+
+    With preferred ``sizes`` (the engine's buckets), the largest that the queue fills, so that
+    no run is padded while items wait (the rest start the next batch); fewer than the smallest
+    size are all taken (the engine pads them).
+    """
+    count = min(available, max_batch_size)
+    if not sizes or count <= sizes[0]:
+        return count
+    return sizes[bisect.bisect_right(sizes, count) - 1]
+
+
 @dataclass(eq=False)
 class _Run(Generic[P, R]):
     batch: list[_Item[P, R]]
@@ -85,6 +101,7 @@ class DynamicBatcher(Generic[P, R]):
         max_delay_s: float,
         max_queue: int,
         instances: int = 1,
+        batch_sizes: tuple[int, ...] | None = None,
         run_timeout_s: float | None = None,
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -94,6 +111,7 @@ class DynamicBatcher(Generic[P, R]):
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.instances = instances
+        self.batch_sizes = batch_sizes
         self.run_timeout_s = run_timeout_s
         self._observer: BatchObserver = observer or NullObserver()
         self._clock = clock
@@ -234,6 +252,11 @@ class DynamicBatcher(Generic[P, R]):
                     continue
                 item.started = True
                 batch.append(item)
+            for item in reversed(batch[batch_to_take(len(batch), self.batch_sizes,
+                                                     self.max_batch_size):]):
+                item.started = False  # back to the front of the queue, for the next batch
+                self._queue.appendleft(item)
+                del batch[-1]
             if batch:
                 self._inflight += 1
             depth, inflight = len(self._queue), self._inflight

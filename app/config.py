@@ -8,9 +8,13 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.engine.buckets import parse_buckets
+
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "dfine_n_shapes.onnx"
 PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
 
+Precision = Literal["fp32", "fp16"]
+CudaGraphMode = Literal["auto", "on", "off"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
 
@@ -29,11 +33,22 @@ class Settings(BaseSettings):
     trt_fp16: bool = Field(True, description="TensorRT: build FP16 engines")
     trt_cache_dir: Path = Field(Path("/tmp/dfine-trt-cache"),
                                 description="TensorRT engine and timing cache")
+    precision: Precision = Field(
+        "fp32", description="fp16: convert the model at load for the CUDA provider (inputs, "
+        "outputs, LayerNorm and the score/box tail stay fp32); TensorRT uses TRT_FP16")
     intra_op_threads: int = Field(
-        0, ge=0, description="onnxruntime threads per run; 0: auto (cores / instances on CPU)")
+        0, ge=0, description="onnxruntime threads per run; 0: auto (cores / instances on CPU, "
+        "1 on GPU)")
     max_batch_size: int = Field(
         0, ge=0, le=256, description="images per engine run, at most; 0: auto (1 on CPU, 8 on "
         "GPU)")
+    batch_buckets: str = Field(
+        "auto", description="batch sizes the engine runs at, each in a session of its own "
+        "that sees only that shape (a batch is padded to the next); auto: 1,2,4,8,16,32 up to "
+        "MAX_BATCH_SIZE on GPU, none on CPU")
+    cuda_graph: CudaGraphMode = Field(
+        "auto", description="CUDA provider with buckets: replay each bucket's run as a CUDA "
+        "graph; auto falls back (logged) where a model can't be captured, on refuses to start")
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000,
         description="how long a batch may wait to fill while the engine is busy")
@@ -42,7 +57,8 @@ class Settings(BaseSettings):
         0, ge=0, le=16, description="engine runs in flight at once; 0: auto (one per core on "
         "CPU, 1 on GPU)")
     decode_workers: int = Field(
-        0, ge=0, description="decode/resize threads; 0: one per core, at most 4")
+        0, ge=0, description="decode/resize threads; 0: one per core (at most 4 on CPU, "
+        "where the engine needs the cores)")
     admission_wait_ms: float = Field(
         100.0, ge=0, le=10_000,
         description="when full, how long a request may wait for room before its 503")
@@ -79,6 +95,17 @@ class Settings(BaseSettings):
         if "auto" in names and len(names) > 1:
             raise ValueError("'auto' cannot be combined with other providers")
         return ",".join(names)
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _valid_buckets(cls, value: str) -> str:
+        parse_buckets(value)
+        return value
+
+    @property
+    def bucket_sizes(self) -> tuple[int, ...] | None:
+        """The buckets asked for; None: auto."""
+        return parse_buckets(self.batch_buckets)
 
     @property
     def provider_list(self) -> list[str]:

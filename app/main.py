@@ -34,8 +34,11 @@ async def _load(state: AppState, engine: OnnxEngine | None) -> None:
         detector = Detector(engine, settings, state.metrics)
         started = time.perf_counter()
         await asyncio.to_thread(detector.warm_up)
-        log.info("warmed up batch sizes 1..%d in %.1f s; requests can hold at most %.0f MB "
-                 "(MAX_QUEUE, MAX_UPLOAD_BYTES, MAX_PIXELS)", detector.max_batch_size,
+        buckets = engine.buckets
+        log.info("warmed up %s in %.1f s; requests can hold at most %.0f MB "
+                 "(MAX_QUEUE, MAX_UPLOAD_BYTES, MAX_PIXELS)",
+                 f"buckets {','.join(map(str, buckets))}" if buckets
+                 else f"batch sizes 1..{detector.max_batch_size}",
                  time.perf_counter() - started, detector.memory_bound_bytes / 1e6)
         info = engine.info
         state.metrics.model_info.info({

@@ -68,6 +68,25 @@ class BatchingInfo(BaseModel):
     request_timeout_s: float
 
 
+class BucketInfo(BaseModel):
+    size: int = Field(description="the batch size this bucket's sessions run at")
+    sessions: int = Field(description="one per engine instance")
+    cuda_graph: bool
+    memory_mb: float | None = Field(
+        description="what its sessions cost (GPU memory on a GPU, through NVML; else the "
+        "process's resident memory); null where it can't be read")
+
+
+class EngineInfo(BaseModel):
+    precision: str = Field(examples=["fp32"])
+    instances: int
+    intra_op_threads: int
+    decode_workers: int
+    memory_kind: str = Field(examples=["gpu"], description="gpu or host: what memory_mb counts")
+    buckets: list[BucketInfo] = Field(
+        description="empty: one session runs every batch size as it is (the CPU default)")
+
+
 class ModelResponse(BaseModel):
     name: str
     path: str
@@ -79,3 +98,4 @@ class ModelResponse(BaseModel):
     resize: str = Field(examples=["stretch"])
     classes: list[str] | None = Field(description="class names by class_id; null if unnamed")
     batching: BatchingInfo
+    engine: EngineInfo

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +62,7 @@ class Detector:
         self.settings = settings
         self.metrics = metrics
         self.max_batch_size = engine.parallel.max_batch_size
-        self.decode_workers = settings.decode_workers or min(os.cpu_count() or 1, 4)
+        self.decode_workers = engine.parallel.decode_workers
         self._decode_pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
         # Requests admitted at once (each holding its upload, then its decoded image): enough
         # to keep the queue and every engine instance full, and no more. This is what bounds
@@ -75,6 +74,7 @@ class Detector:
         self.batcher: DynamicBatcher[PreparedImage, _Row] = DynamicBatcher(
             self._run_batch, max_batch_size=self.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000, max_queue=self.max_admitted,
+            batch_sizes=engine.buckets,
             instances=engine.parallel.instances, run_timeout_s=settings.engine_timeout_s,
             observer=metrics)
         self._admitted = 0
@@ -96,7 +96,7 @@ class Detector:
         self.batcher.start()
 
     def warm_up(self) -> None:
-        self.engine.warm_up(list(range(1, self.max_batch_size + 1)))
+        self.engine.warm_up()
 
     async def acquire(self, images: int, wait_s: float) -> None:
         """Hold places for ``images`` images for one request, or raise Overloaded (NotReady when

@@ -20,6 +20,7 @@ from app.schemas import (
     BatchingInfo,
     BatchResponse,
     DetectResponse,
+    EngineInfo,
     ImageSize,
     ModelResponse,
     Status,
@@ -205,4 +206,5 @@ async def model(detector: DetectorDep) -> ModelResponse:
             max_batch_size=detector.max_batch_size, max_delay_ms=settings.max_delay_ms,
             max_queue=settings.max_queue, instances=detector.engine.parallel.instances,
             request_timeout_s=settings.request_timeout_s),
+        engine=EngineInfo.model_validate(detector.engine.report()),
     )

@@ -28,6 +28,8 @@ class GpuOptions:
     sizes_input: str | None  # "orig_target_sizes" for the official layout
     image_input: str = "images"
     device_id: int = 0
+    bucket: int | None = None  # the one batch size a bucket's session runs
+    cuda_graph: bool = False
 
 
 def choose_providers(requested: list[str], available: list[str]) -> list[str]:
@@ -54,12 +56,14 @@ def _profile(opts: GpuOptions, batch: int) -> str:
 
 
 def tensorrt_options(opts: GpuOptions) -> dict[str, Any]:
-    """FP16, engine and timing caches on disk, and one dynamic-batch profile 1..max batch.
+    """FP16, engine and timing caches on disk, and one profile: 1..max batch, or a bucket's
+    session's own batch size alone.
 
-    The profile covers every batch the batcher can form, so TensorRT builds its engine once at
-    warm-up (or loads it from the cache), never on a user's request.
+    The profile covers every batch the session can be given, so TensorRT builds its engine
+    once at warm-up (or loads it from the cache), never on a user's request.
     """
     cache = str(opts.trt_cache_dir)
+    low, high = (1, opts.max_batch_size) if opts.bucket is None else (opts.bucket, opts.bucket)
     return {
         "device_id": opts.device_id,
         "trt_fp16_enable": opts.trt_fp16,
@@ -68,20 +72,25 @@ def tensorrt_options(opts: GpuOptions) -> dict[str, Any]:
         "trt_timing_cache_enable": True,
         "trt_timing_cache_path": cache,
         "trt_max_workspace_size": 2 * 1024**3,
-        "trt_profile_min_shapes": _profile(opts, 1),
-        "trt_profile_opt_shapes": _profile(opts, opts.max_batch_size),
-        "trt_profile_max_shapes": _profile(opts, opts.max_batch_size),
+        "trt_profile_min_shapes": _profile(opts, low),
+        "trt_profile_opt_shapes": _profile(opts, high),
+        "trt_profile_max_shapes": _profile(opts, high),
     }
 
 
 def cuda_options(opts: GpuOptions) -> dict[str, Any]:
-    return {
+    options: dict[str, Any] = {
         "device_id": opts.device_id,
         # Input shapes repeat (one per batch size), so searching once for the best
         # convolution algorithm pays off.
         "cudnn_conv_algo_search": "EXHAUSTIVE",
         "arena_extend_strategy": "kSameAsRequested",
     }
+    if opts.cuda_graph:
+        # Replays the whole run as one graph launch; needs inputs and outputs bound at fixed
+        # device addresses (app.engine.runner) and every node on the CUDA provider.
+        options["enable_cuda_graph"] = "1"
+    return options
 
 
 def provider_specs(providers: list[str], opts: GpuOptions) -> list[ProviderSpec]:

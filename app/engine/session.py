@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import onnxruntime as ort
 
 from app.config import Settings
 from app.engine import providers as prov
+from app.engine.buckets import bucket_for, resolve_buckets
 from app.engine.layouts import (
     OFFICIAL_INPUTS,
     OFFICIAL_OUTPUTS,
@@ -29,6 +32,9 @@ from app.engine.layouts import (
     Layout,
     raw_head_to_official,
 )
+from app.engine.memory import MemoryKind, memory_used_bytes
+from app.engine.precision import to_fp16
+from app.engine.runner import BucketRunner, Device, TensorSpec
 from app.errors import ModelLoadError
 from app.labels import resolve_labels
 
@@ -61,6 +67,9 @@ class ModelInfo:
     resize: str = "stretch"
     normalization: Normalization = field(default_factory=Normalization)
     metadata: dict[str, str] = field(default_factory=dict)
+    precision: str = "fp32"
+    logits_output: str = ""  # raw head: which of RAW_LOGITS_OUTPUTS the model has
+    image_input: str = "images"
 
 
 @dataclass
@@ -110,6 +119,8 @@ class Parallelism:
     threads: int  # onnxruntime intra-op threads per run; 0: onnxruntime's default
     max_batch_size: int
     solo_threads: int = 0  # threads of a run that has the CPU to itself; 0: no such session
+    spin: bool = True  # onnxruntime's idle pool threads spin (CPU) or sleep (GPU)
+    decode_workers: int = 4
 
 
 def parallelism(settings: Settings, providers: list[str], fixed_batch: int | None
@@ -121,19 +132,28 @@ def parallelism(settings: Settings, providers: list[str], fixed_batch: int | Non
     threads: 60), and batching does not pay (batch 1: 76, 2: 73, 4: 72, 8: 65 images/s) while
     it costs memory and latency. One thread a run is slow for a lone request, though (27 ms
     against 18 with both cores), so a run that starts while no other is running uses a second
-    session with all the cores. On a GPU a batch uses the device far better than one image,
-    and one run at a time keeps it busy while the next batch forms.
+    session with all the cores. Decoding gets at most 4 threads: the engine needs the cores.
+
+    On a GPU a batch uses the device far better than one image (D-FINE-L 640 on an H200: 77
+    images/s at batch 1, 325 at 8, 398 at 32), one run at a time keeps it busy while the next
+    batch forms, and the CPU is free for decoding: one decode thread per core. onnxruntime's
+    CPU threads there only run a few shape ops, so one thread that sleeps when idle (its
+    default, a spinning pool on every core, cost 13-25 ms of CPU per request on 16 cores).
     """
     cores = os.cpu_count() or 1
     on_cpu = providers[:1] == [prov.CPU]
     instances = settings.instances or (cores if on_cpu else 1)
-    threads = settings.intra_op_threads or (max(1, cores // instances) if on_cpu else 0)
-    batch = fixed_batch or settings.max_batch_size or (1 if on_cpu else 8)
+    threads = settings.intra_op_threads or (max(1, cores // instances) if on_cpu else 1)
+    batch = fixed_batch or settings.max_batch_size or (1 if on_cpu else 32)
     solo = cores if on_cpu and not settings.intra_op_threads and threads < cores else 0
-    return Parallelism(instances, threads, batch, solo)
+    decode = settings.decode_workers or (min(cores, 4) if on_cpu else cores)
+    return Parallelism(instances, threads, batch, solo, spin=on_cpu, decode_workers=decode)
 
 
-def _open_session(path: Path, threads: int, specs: list[prov.ProviderSpec],
+ModelSource = Path | bytes  # a file, or a model converted in memory (fp16)
+
+
+def _open_session(model: ModelSource, threads: int, specs: list[prov.ProviderSpec],
                   spin: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -141,37 +161,80 @@ def _open_session(path: Path, threads: int, specs: list[prov.ProviderSpec],
         options.intra_op_num_threads = threads
     if not spin:  # idle pool threads sleep instead of spinning on cores others need
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3
     names = [name for name, _ in specs]
+    where = model if isinstance(model, Path) else "the converted model"
     try:
-        return ort.InferenceSession(str(path), options, providers=names,
+        return ort.InferenceSession(str(model) if isinstance(model, Path) else model, options,
+                                    providers=names,
                                     provider_options=[opts for _, opts in specs])
     except Exception as exc:  # onnxruntime raises its own exception types, not one base class
         text = str(exc)
         if "protobuf" in text.lower() or "INVALID_PROTOBUF" in text:
-            raise ModelLoadError(f"{path} is not a valid ONNX model") from exc
-        raise ModelLoadError(f"onnxruntime cannot load {path}: {text.splitlines()[0]}") from exc
+            raise ModelLoadError(f"{where} is not a valid ONNX model") from exc
+        raise ModelLoadError(f"onnxruntime cannot load {where}: {text.splitlines()[0]}"
+                             ) from exc
+
+
+def _model_source(path: Path, precision: str, providers: list[str]) -> ModelSource:
+    if precision == "fp32":
+        return path
+    if providers[0] == prov.TENSORRT:
+        log.info("precision fp16: TensorRT builds its own fp16 engines (TRT_FP16); the model "
+                 "is given to it unconverted")
+        return path
+    if providers[0] == prov.CPU:
+        log.warning("precision fp16 on the CPU: onnxruntime runs most fp16 nodes through casts "
+                    "to fp32, so this only checks accuracy; it is not faster")
+    return to_fp16(path)
+
+
+@dataclass
+class _Bucket:
+    """A bucket's runners (one per engine instance) and what they cost."""
+
+    size: int
+    idle: queue.SimpleQueue[BucketRunner]
+    runners: list[BucketRunner]
+    cuda_graph: bool
+    memory_bytes: int | None = None
 
 
 class OnnxEngine:
-    """An onnxruntime session (and on a CPU, a second one for lone runs); ``run`` is
-    thread-safe (onnxruntime sessions are)."""
+    """Runs batches of prepared images; ``run`` is thread-safe.
 
-    def __init__(self, session: ort.InferenceSession, info: ModelInfo,
-                 parallel: Parallelism | None = None,
-                 solo_session: ort.InferenceSession | None = None) -> None:
+    Two ways to run. Without buckets (the CPU default): one session for every batch size, and
+    on a CPU a second one with all the cores for lone runs. With buckets: a session per bucket
+    and engine instance, each fed one input shape through buffers bound once
+    (app.engine.runner), a batch padded to its bucket.
+    """
+
+    def __init__(self, info: ModelInfo, parallel: Parallelism | None = None,
+                 session: ort.InferenceSession | None = None,
+                 solo_session: ort.InferenceSession | None = None,
+                 buckets: list[_Bucket] | None = None,
+                 remake: Callable[[int, bool], BucketRunner] | None = None,
+                 graph_required: bool = False) -> None:
         self.session = session
         self.solo_session = solo_session
         self.info = info
         self.parallel = parallel or Parallelism(1, 0, info.fixed_batch or 1)
+        self._buckets = {b.size: b for b in buckets or []}
+        self._remake = remake  # a bucket's runner again, without a CUDA graph (fallback)
+        self._graph_required = graph_required
         self._running = 0
         self._running_lock = threading.Lock()
-        self._inputs = [i.name for i in session.get_inputs()]
-        self._outputs = [o.name for o in session.get_outputs()]
-        self._logits_name = next((n for n in RAW_LOGITS_OUTPUTS if n in self._outputs), "")
+        self._outputs = ([*OFFICIAL_OUTPUTS] if info.layout == "official"
+                         else [info.logits_output, RAW_BOXES_OUTPUT])
         # IO binding names every output instead of trusting their order, and lets the CUDA
         # provider write results straight to pinned host memory.
         self._bind_device = "cuda" if prov.CUDA in info.providers[:1] else None
+
+    @property
+    def buckets(self) -> tuple[int, ...] | None:
+        """The batch sizes runs are padded to; None: any size runs as it is."""
+        return tuple(sorted(self._buckets)) or None
 
     @classmethod
     def load(cls, settings: Settings) -> OnnxEngine:
@@ -183,7 +246,8 @@ class OnnxEngine:
             # onnxruntime-gpu[cuda,cudnn] ships CUDA and cuDNN as pip wheels: load them from
             # site-packages, so the image needs no LD_LIBRARY_PATH for them.
             ort.preload_dlls()
-        # Probe the inputs on the CPU first: the TensorRT profile needs the input names and size.
+        # Probe the model on the CPU first: the GPU sessions need its input names and size,
+        # and the bucket runners the shapes of its outputs.
         parallel = parallelism(settings, requested, None)
         probe = _open_session(path, parallel.threads, [(prov.CPU, {})])
         inputs = [i.name for i in probe.get_inputs()]
@@ -200,25 +264,71 @@ class OnnxEngine:
         else:
             width = height = DEFAULT_INPUT_SIZE
         num_classes = None
+        logits_output = next((n for n in RAW_LOGITS_OUTPUTS if n in outputs), "")
         if layout == "raw_head":
-            logits = next(o for o in probe.get_outputs() if o.name in RAW_LOGITS_OUTPUTS)
+            logits = next(o for o in probe.get_outputs() if o.name == logits_output)
             num_classes = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
         labels = resolve_labels(metadata, settings.labels_path, num_classes)
         fixed_batch = batch_dim if isinstance(batch_dim, int) else None
         parallel = parallelism(settings, requested, fixed_batch)
-        if requested == [prov.CPU]:
-            session = probe
-        else:
+        on_gpu = requested[0] != prov.CPU
+        bucket_sizes = resolve_buckets(settings.bucket_sizes, parallel.max_batch_size, on_gpu,
+                                       fixed_batch)
+        source = _model_source(path, settings.precision, requested)
+        gpu = prov.GpuOptions(
+            max_batch_size=parallel.max_batch_size, input_height=height, input_width=width,
+            trt_fp16=settings.trt_fp16, trt_cache_dir=settings.trt_cache_dir,
+            sizes_input="orig_target_sizes" if layout == "official" else None,
+            image_input=image_input.name)
+        if on_gpu:
             settings.trt_cache_dir.mkdir(parents=True, exist_ok=True)
-            gpu = prov.GpuOptions(
-                max_batch_size=parallel.max_batch_size, input_height=height,
-                input_width=width, trt_fp16=settings.trt_fp16,
-                trt_cache_dir=settings.trt_cache_dir,
-                sizes_input="orig_target_sizes" if layout == "official" else None,
-                image_input=image_input.name)
-            session = _open_session(path, parallel.threads,
-                                    prov.provider_specs(requested, gpu))
-        in_use = list(session.get_providers())
+
+        def open_session(bucket: int | None = None, cuda_graph: bool = False
+                         ) -> ort.InferenceSession:
+            if not on_gpu and not isinstance(source, bytes) and bucket is None:
+                return probe
+            options = replace(gpu, bucket=bucket, cuda_graph=cuda_graph)
+            return _open_session(source, parallel.threads,
+                                 prov.provider_specs(requested, options), spin=parallel.spin)
+
+        session = solo = None
+        buckets: list[_Bucket] = []
+        remake = None
+        if bucket_sizes is None:
+            session = open_session()
+            in_use = list(session.get_providers())
+            if parallel.solo_threads:
+                solo = _open_session(source, parallel.solo_threads, [(prov.CPU, {})])
+        else:
+            image_spec = TensorSpec(image_input.name, (1, 3, height, width), np.float32)
+            sizes_spec = TensorSpec("orig_target_sizes", (1, 2), np.int64)
+            input_specs = [image_spec, sizes_spec] if layout == "official" else [image_spec]
+            output_names = ([*OFFICIAL_OUTPUTS] if layout == "official"
+                            else [logits_output, RAW_BOXES_OUTPUT])
+            output_specs = _output_specs(probe, input_specs, output_names, fixed_batch or 1)
+            device: Device = "cuda" if on_gpu else "cpu"
+            fill = {"orig_target_sizes": np.asarray([width, height], np.int64)}
+
+            def make_runner(size: int, cuda_graph: bool) -> BucketRunner:
+                return BucketRunner(open_session(size, cuda_graph), size,
+                                    [_at(s, size) for s in input_specs],
+                                    [_at(s, size) for s in output_specs], device, fill=fill)
+
+            remake = make_runner
+            want_graph = settings.cuda_graph != "off" and requested[0] == prov.CUDA
+            memory_kind: MemoryKind = "gpu" if on_gpu else "host"
+            for size in bucket_sizes:
+                before = memory_used_bytes(memory_kind)
+                runners, graph = _make_runners(make_runner, size, parallel.instances,
+                                               want_graph, settings.cuda_graph == "on")
+                after = memory_used_bytes(memory_kind)
+                idle: queue.SimpleQueue[BucketRunner] = queue.SimpleQueue()
+                for runner in runners:
+                    idle.put(runner)
+                buckets.append(_Bucket(size, idle, runners, graph,
+                                       None if before is None or after is None
+                                       else after - before))
+            in_use = list(buckets[0].runners[0].session.get_providers())
         explicit = settings.provider_list != ["auto"]
         missing = prov.missing_in_use(requested, in_use, explicit)
         if missing:
@@ -230,14 +340,16 @@ class OnnxEngine:
             name=path.stem, path=path, layout=layout, input_width=width, input_height=height,
             fixed_batch=fixed_batch, labels=labels, providers=in_use, resize=resize,
             normalization=_parse_normalization(metadata.get("dfine.normalize")),
-            metadata=metadata)
+            metadata=metadata, precision=settings.precision, logits_output=logits_output,
+            image_input=image_input.name)
         log.info("loaded %s: layout %s, input %dx%d, batch %s, %s classes, providers %s, "
-                 "%d instance(s) x %s thread(s), batches of up to %d", path, layout, width,
-                 height, fixed_batch or "dynamic", len(labels) if labels else "unnamed", in_use,
-                 parallel.instances, parallel.threads or "default", parallel.max_batch_size)
-        solo = (_open_session(path, parallel.solo_threads, [(prov.CPU, {})], spin=True)
-                if parallel.solo_threads else None)
-        return cls(session, info, parallel, solo)
+                 "precision %s, %d instance(s) x %s thread(s), batches of up to %d, buckets %s",
+                 path, layout, width, height, fixed_batch or "dynamic",
+                 len(labels) if labels else "unnamed", in_use, settings.precision,
+                 parallel.instances, parallel.threads or "default", parallel.max_batch_size,
+                 ",".join(str(b.size) for b in buckets) or "none")
+        return cls(info, parallel, session, solo, buckets, remake,
+                   graph_required=settings.cuda_graph == "on")
 
     def run(self, images: npt.NDArray[np.float32], sizes_wh: npt.NDArray[np.int64],
             may_use_all_cores: bool = True) -> Detections:
@@ -246,25 +358,31 @@ class OnnxEngine:
         ``may_use_all_cores``: the caller expects no other run soon (nothing queued), so a run
         with no other in flight may take the solo session's threads."""
         n = images.shape[0]
-        fixed = self.info.fixed_batch
-        if fixed is not None and n < fixed:  # pad a fixed-batch model's input
-            images = np.concatenate([images, np.zeros((fixed - n, *images.shape[1:]),
-                                                      images.dtype)])
-            sizes_wh = np.concatenate([sizes_wh, np.ones((fixed - n, 2), sizes_wh.dtype)])
         if self.info.layout == "official":
             feeds: dict[str, np.ndarray] = {"images": images, "orig_target_sizes": sizes_wh}
-            labels, boxes, scores = self._run(feeds, list(OFFICIAL_OUTPUTS), may_use_all_cores)
         else:
-            logits, raw_boxes = self._run({self._inputs[0]: images},
-                                          [self._logits_name, RAW_BOXES_OUTPUT],
-                                          may_use_all_cores)
-            labels, boxes, scores = raw_head_to_official(logits, raw_boxes, sizes_wh, TOP_K)
+            feeds = {self.info.image_input: images}
+        if self._buckets:
+            bucket = self._buckets[bucket_for(n, self.buckets or ())]
+            runner = bucket.idle.get()  # one per instance: free unless a run hung
+            try:
+                named = runner.run(feeds)
+            finally:
+                bucket.idle.put(runner)
+            results = [named[name] for name in self._outputs]
+        else:
+            results = self._run(feeds, self._outputs, may_use_all_cores)
+        if self.info.layout == "official":
+            labels, boxes, scores = results
+        else:
+            labels, boxes, scores = raw_head_to_official(results[0], results[1], sizes_wh, TOP_K)
         return Detections(labels[:n].astype(np.int64, copy=False),
                           boxes[:n].astype(np.float32, copy=False),
                           scores[:n].astype(np.float32, copy=False))
 
     def _run(self, feeds: dict[str, np.ndarray], names: list[str], may_use_all_cores: bool
              ) -> list[Any]:
+        assert self.session is not None
         with self._running_lock:
             alone = self._running == 0 and may_use_all_cores
             self._running += 1
@@ -278,16 +396,120 @@ class OnnxEngine:
             with self._running_lock:
                 self._running -= 1
 
-    def warm_up(self, batch_sizes: list[int]) -> None:
-        """Run every batch size once, so no user request pays for a first run (cuDNN algorithm
-        search, TensorRT engine build or cache load, memory arena growth)."""
+    def warm_up(self) -> None:
+        """Run every batch size (every bucket's every runner) before the first request, so no
+        user request pays for a first run: cuDNN's algorithm search, CUDA graph capture,
+        TensorRT's engine build or cache load, memory arena growth."""
         h, w = self.info.input_height, self.info.input_width
-        for n in batch_sizes:
-            images = np.zeros((n, 3, h, w), np.float32)
-            sizes = np.tile(np.asarray([[w, h]], np.int64), (n, 1))
-            self.run(images, sizes)  # alone: with the solo session, if there is one
-            if self.solo_session is not None:
-                self.run(images, sizes, may_use_all_cores=False)
+        if not self._buckets:
+            for n in range(1, self.parallel.max_batch_size + 1):
+                images = np.zeros((n, 3, h, w), np.float32)
+                sizes = np.tile(np.asarray([[w, h]], np.int64), (n, 1))
+                self.run(images, sizes)  # alone: with the solo session, if there is one
+                if self.solo_session is not None:
+                    self.run(images, sizes, may_use_all_cores=False)
+            return
+        kind: MemoryKind = "gpu" if self.on_gpu else "host"
+        for bucket in self._buckets.values():
+            before = memory_used_bytes(kind)
+            for index, runner in enumerate(bucket.runners):
+                bucket.runners[index] = self._warm_runner(bucket, runner)
+            after = memory_used_bytes(kind)
+            if bucket.memory_bytes is not None and before is not None and after is not None:
+                bucket.memory_bytes += after - before
+        log.info("buckets ready: %s (%s memory)", ", ".join(
+            f"{b.size}: {_mb(b.memory_bytes)} MB{' with CUDA graph' if b.cuda_graph else ''}"
+            for b in self._buckets.values()), kind)
+
+    def _warm_runner(self, bucket: _Bucket, runner: BucketRunner) -> BucketRunner:
+        """Warm-up runs (onnxruntime captures a CUDA graph after its first runs); a runner whose
+        graph fails is replaced by one without (or the failure raised, with CUDA_GRAPH=on)."""
+        h, w = self.info.input_height, self.info.input_width
+        feeds = {self.info.image_input: np.zeros((bucket.size, 3, h, w), np.float32)}
+        if self.info.layout == "official":
+            feeds["orig_target_sizes"] = np.tile(np.asarray([[w, h]], np.int64),
+                                                 (bucket.size, 1))
+        try:
+            for _ in range(WARM_UP_RUNS):
+                runner.run(feeds)
+            return runner
+        except Exception as exc:
+            if not bucket.cuda_graph or self._remake is None:
+                raise
+            if self._graph_required:
+                raise ModelLoadError(f"CUDA graph of bucket {bucket.size} failed: {exc}") from exc
+            log.warning("bucket %d: CUDA graph failed (%s); running it without", bucket.size,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        replacement = self._remake(bucket.size, False)
+        bucket.cuda_graph = False
+        _swap_idle(bucket, runner, replacement)
+        for _ in range(WARM_UP_RUNS):
+            replacement.run(feeds)
+        return replacement
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.info.providers[:1] != [prov.CPU]
+
+    def report(self) -> dict[str, Any]:
+        """How the engine runs, for /model and the log."""
+        return {
+            "precision": self.info.precision,
+            "instances": self.parallel.instances,
+            "intra_op_threads": self.parallel.threads,
+            "decode_workers": self.parallel.decode_workers,
+            "memory_kind": "gpu" if self.on_gpu else "host",
+            "buckets": [{"size": b.size, "sessions": len(b.runners), "cuda_graph": b.cuda_graph,
+                         "memory_mb": _mb(b.memory_bytes)} for b in self._buckets.values()],
+        }
+
+
+WARM_UP_RUNS = 3
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else round(value / 1e6, 1)
+
+
+def _at(spec: TensorSpec, size: int) -> TensorSpec:
+    return TensorSpec(spec.name, (size, *spec.shape[1:]), spec.dtype)
+
+
+def _output_specs(probe: ort.InferenceSession, inputs: list[TensorSpec], names: list[str],
+                  batch: int) -> list[TensorSpec]:
+    """The outputs' shapes and types, from one run of the probe (exports name their output
+    sizes symbolically, e.g. labels [N, "Modlabels_dim_1"])."""
+    feeds: dict[str, np.ndarray] = {spec.name: np.zeros((batch, *spec.shape[1:]), spec.dtype)
+                                    for spec in inputs}
+    if "orig_target_sizes" in feeds:
+        feeds["orig_target_sizes"][:] = 1
+    arrays = probe.run(names, feeds)
+    return [TensorSpec(name, tuple(array.shape), array.dtype.type)
+            for name, array in zip(names, arrays)]
+
+
+def _make_runners(make: Callable[[int, bool], BucketRunner], size: int, count: int,
+                  want_graph: bool, graph_required: bool) -> tuple[list[BucketRunner], bool]:
+    """``count`` runners of a bucket, with CUDA graphs if wanted and onnxruntime accepts
+    them for this model (it refuses at session creation when a node is not on CUDA)."""
+    if want_graph:
+        try:
+            return [make(size, True) for _ in range(count)], True
+        except ModelLoadError as exc:
+            if graph_required:
+                raise
+            log.warning("bucket %d: no CUDA graph (%s); running it without", size, exc)
+    return [make(size, False) for _ in range(count)], False
+
+
+def _swap_idle(bucket: _Bucket, old: BucketRunner, new: BucketRunner) -> None:
+    """Put ``new`` in ``old``'s place in the bucket's idle queue (warm-up: nothing runs)."""
+    kept = []
+    while not bucket.idle.empty():
+        runner = bucket.idle.get()
+        kept.append(new if runner is old else runner)
+    for runner in kept:
+        bucket.idle.put(runner)
 
 
 def run_with_binding(session: ort.InferenceSession, feeds: dict[str, np.ndarray],

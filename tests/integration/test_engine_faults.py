@@ -41,7 +41,7 @@ def post(url: str, width: int) -> httpx.Response:
 def faulty_app(**overrides: Any) -> Any:
     settings = Settings(providers="cpu", **overrides)
     base = OnnxEngine.load(settings)
-    engine = FaultyEngine(base.session, base.info, base.parallel, base.solo_session)
+    engine = FaultyEngine(base.info, base.parallel, base.session, base.solo_session)
     return create_app(settings, engine=engine)
 
 

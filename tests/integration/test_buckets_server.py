@@ -1,0 +1,62 @@
+"""A real server running its engine in buckets (the GPU path, on CPU sessions): concurrent
+answers equal single ones, engine runs happen at bucket sizes, and /model reports buckets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from app.bench.stats import metric_value
+from tests.helpers import Server, assert_same_detections, encode, render_scene, run_server
+
+
+@pytest.fixture(scope="module")
+def bucketed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(tmp_path_factory.mktemp("buckets"), "--batch-buckets", "1,2,4,8",
+                    "--max-batch-size", "8", "--instances", "1",
+                    "--max-delay-ms", "20") as running:
+        yield running
+
+
+def runs_up_to(metrics: str, size: int) -> float:
+    """Engine runs of at most ``size`` images so far."""
+    return metric_value(metrics, f'dfine_batch_size_bucket{{le="{size:.1f}"}}')
+
+
+def test_concurrent_answers_equal_single_ones_and_runs_are_bucket_sized(bucketed: Server
+                                                                        ) -> None:
+    images = [encode(render_scene(seed)[0]) for seed in range(300, 306)]
+    expected = [httpx.post(f"{bucketed.url}/detect", content=d, timeout=30,
+                           headers={"Content-Type": "image/jpeg"}).json()["detections"]
+                for d in images]
+
+    async def client(k: int) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            response = await http.post(f"{bucketed.url}/detect", content=images[k % 6],
+                                       headers={"Content-Type": "image/jpeg"})
+            assert response.status_code == 200, response.text
+            return list(response.json()["detections"])
+
+    async def all_clients() -> list[list[dict[str, Any]]]:
+        return await asyncio.gather(*(client(k) for k in range(24)))
+
+    for k, answer in enumerate(asyncio.run(all_clients())):
+        assert_same_detections(answer, expected[k % 6])
+    metrics = httpx.get(f"{bucketed.url}/metrics").text
+    assert metric_value(metrics, "dfine_images_total") == 30
+    assert runs_up_to(metrics, 8) > runs_up_to(metrics, 1)  # some batches formed
+    assert runs_up_to(metrics, 3) == runs_up_to(metrics, 2)  # no run of 3
+    assert runs_up_to(metrics, 6) == runs_up_to(metrics, 4)  # nor of 5 or 6
+
+
+def test_model_endpoint_and_log_report_the_buckets(bucketed: Server) -> None:
+    engine = httpx.get(f"{bucketed.url}/model").json()["engine"]
+    assert [b["size"] for b in engine["buckets"]] == [1, 2, 4, 8]
+    assert all(b["sessions"] == 1 and b["memory_mb"] is not None for b in engine["buckets"])
+    assert engine["precision"] == "fp32" and engine["memory_kind"] == "host"
+    log = bucketed.log()
+    assert "buckets 1,2,4,8" in log and "buckets ready: 1:" in log
