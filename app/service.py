@@ -133,7 +133,8 @@ class Detector:
                 self._admitted += 1  # handed over: a newcomer cannot take it first
                 waiter.set_result(None)
 
-    def _prepare(self, data: bytes) -> PreparedImage:
+    def prepare(self, data: bytes) -> PreparedImage:
+        """Decode and resize one upload: the model-ready tensor and the original size."""
         started = time.perf_counter()
         info = self.engine.info
         norm = info.normalization
@@ -162,7 +163,7 @@ class Detector:
     async def detect(self, data: bytes, params: DetectParams) -> DetectResult:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        prepared = await loop.run_in_executor(self._decode_pool, self._prepare, data)
+        prepared = await loop.run_in_executor(self._decode_pool, self.prepare, data)
         del data  # a queued request holds its small tensor only, not its upload
         queued = time.perf_counter()
         row = await self.batcher.submit(prepared, self.settings.request_timeout_s)

@@ -1,11 +1,16 @@
-"""The in-process ceiling: the service's own decode, preprocess, batching, engine and
-postprocess code driven directly, with no HTTP, at the same concurrency."""
+"""The in-process ceilings. ``ceiling_loop``: the service's own decode, preprocess, batching,
+engine and postprocess code driven directly, with no HTTP, at the same concurrency.
+``engine_ceiling``: the engine alone on already decoded images, at each batch size it runs."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from app.bench.load import Progress
 from app.bench.stats import Sample
@@ -76,3 +81,55 @@ async def single_call_ms(settings: Settings, body: bytes, repeats: int = 50) -> 
     await detector.stop()
     times.sort()
     return times[len(times) // 2] * 1000
+
+
+@dataclass
+class EngineCeiling:
+    """The engine alone, images already decoded: images/s at each batch size it runs."""
+
+    images_per_s: dict[int, float]
+
+    @property
+    def best_batch(self) -> int:
+        return max(self.images_per_s, key=lambda size: self.images_per_s[size])
+
+    @property
+    def best(self) -> float:
+        return self.images_per_s[self.best_batch]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"images_per_s_by_batch": {str(k): v for k, v in self.images_per_s.items()},
+                "best_batch": self.best_batch, "images_per_s": self.best}
+
+
+def engine_ceiling(settings: Settings, bodies: list[bytes], duration_s: float) -> EngineCeiling:
+    """Each batch size the engine runs (its buckets; without buckets, 1 and its largest batch)
+    for ``duration_s`` in all, with as many runs in flight as the service has instances."""
+    engine = OnnxEngine.load(settings)
+    engine.warm_up()
+    detector = Detector(engine, settings, Metrics())  # for its decode and resize only
+    prepared = [detector.prepare(body) for body in bodies]
+    sizes = engine.buckets or tuple(sorted({1, engine.parallel.max_batch_size}))
+    instances = engine.parallel.instances
+    found: dict[int, float] = {}
+    for size in sizes:
+        chosen = [prepared[k % len(prepared)] for k in range(size)]
+        images = np.stack([p.pixels for p in chosen])
+        sizes_wh = np.asarray([p.target_size_wh for p in chosen], np.int64)
+        stop_at = time.perf_counter() + duration_s / len(sizes)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(instances) as pool:
+            futures = [pool.submit(_run_until, engine, images, sizes_wh, stop_at,
+                                   instances == 1) for _ in range(instances)]
+            runs = sum(f.result() for f in futures)
+        found[size] = round(runs * size / (time.perf_counter() - started), 2)
+    return EngineCeiling(found)
+
+
+def _run_until(engine: OnnxEngine, images: np.ndarray, sizes_wh: np.ndarray, stop_at: float,
+               alone: bool) -> int:
+    runs = 0
+    while time.perf_counter() < stop_at:
+        engine.run(images, sizes_wh, may_use_all_cores=alone)
+        runs += 1
+    return runs

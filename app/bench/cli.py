@@ -27,7 +27,8 @@ from typing import Any
 
 import onnxruntime as ort
 
-from app.bench.ceiling import ceiling_loop, single_call_ms
+from app.bench.ceiling import ceiling_loop, engine_ceiling, single_call_ms
+from app.bench.gpu import GpuSampler
 from app.bench.images import folder_images, synthetic_jpegs
 from app.bench.load import closed_loop, fetch, open_loop
 from app.bench.plot import write_plot
@@ -130,14 +131,16 @@ async def _measure_service(url: str, bodies: list[bytes], concurrency: int, dura
     bar = ProgressBar(label, duration_s)
     samples: list[Sample]
     cpu_before = process_cpu_s(pid) if pid else 0.0
-    if rate is None:
-        # At c=1 each answer's own timing shows what HTTP adds to one in-process call; at
-        # higher loads parsing every answer would cost the client more CPU than it is worth.
-        samples, elapsed = await closed_loop(url + "/detect", bodies, concurrency, duration_s,
-                                             headers, bar, server_timing=concurrency == 1)
-    else:
-        samples, elapsed = await open_loop(url + "/detect", bodies, rate, duration_s, headers,
-                                           progress=bar)
+    with GpuSampler() as gpu:
+        if rate is None:
+            # At c=1 each answer's own timing shows what HTTP adds to one in-process call; at
+            # higher loads parsing every answer would cost the client more CPU than it is worth.
+            samples, elapsed = await closed_loop(url + "/detect", bodies, concurrency,
+                                                 duration_s, headers, bar,
+                                                 server_timing=concurrency == 1)
+        else:
+            samples, elapsed = await open_loop(url + "/detect", bodies, rate, duration_s,
+                                               headers, progress=bar)
     bar.close()
     cpu_s = _cpu_since(pid, cpu_before)
     stop.set()
@@ -151,6 +154,11 @@ async def _measure_service(url: str, bodies: list[bytes], concurrency: int, dura
     images, batches = delta("dfine_images_total"), delta("dfine_batch_size_count")
     result.avg_batch_size = round(images / batches, 2) if batches else None
     result.rss_mb = round(peak_rss / 1e6, 1)
+    return _with_gpu(result, gpu)
+
+
+def _with_gpu(result: RunResult, gpu: GpuSampler) -> RunResult:
+    result.gpu_busy_pct, result.gpu_memory_mb = gpu.busy_pct, gpu.memory_mb
     return result
 
 
@@ -158,13 +166,14 @@ async def _measure_peer(url: str, bodies: list[bytes], concurrency: int, duratio
                         pid: int | None) -> RunResult:
     bar = ProgressBar(f"peer c={concurrency}", duration_s)
     cpu_before = process_cpu_s(pid) if pid else 0.0
-    samples, elapsed = await closed_loop(url + "/detect", bodies, concurrency, duration_s,
-                                         progress=bar)
+    with GpuSampler() as gpu:
+        samples, elapsed = await closed_loop(url + "/detect", bodies, concurrency, duration_s,
+                                             progress=bar)
     bar.close()
     result = summarize("peer", "closed", concurrency, samples, elapsed,
                        cpu_s=_cpu_since(pid, cpu_before))
     result.avg_batch_size = 1.0
-    return result
+    return _with_gpu(result, gpu)
 
 
 async def _measure_ceiling(settings: Settings, bodies: list[bytes], concurrency: int,
@@ -174,10 +183,11 @@ async def _measure_ceiling(settings: Settings, bodies: list[bytes], concurrency:
     for count in instances:
         bar = ProgressBar(f"ceiling c={concurrency} i={count}", duration_s)
         tuned = settings.model_copy(update={"instances": count})
-        run = await ceiling_loop(tuned, bodies, concurrency, duration_s, bar)
+        with GpuSampler() as gpu:
+            run = await ceiling_loop(tuned, bodies, concurrency, duration_s, bar)
         bar.close()
-        result = summarize("ceiling", "closed", concurrency, run.samples, run.elapsed_s,
-                           cpu_s=run.cpu_s)
+        result = _with_gpu(summarize("ceiling", "closed", concurrency, run.samples,
+                                     run.elapsed_s, cpu_s=run.cpu_s), gpu)
         result.avg_batch_size = round(run.avg_batch_size, 2)
         result.extra = {"instances": count}
         if best is None or result.throughput_rps > best.throughput_rps:
@@ -188,7 +198,7 @@ async def _measure_ceiling(settings: Settings, bodies: list[bytes], concurrency:
 
 def _table(results: list[RunResult]) -> str:
     lines = ["| target | load | req/s | p50 ms | p90 ms | p99 ms | max ms | avg batch | errors |"
-             " RSS MB | CPU ms/req |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " RSS MB | CPU ms/req | GPU busy % |", "|---" * 12 + "|"]
     for r in results:
         load = f"c={r.load:g}" if r.mode == "closed" else f"{r.load:g} req/s"
         lat = r.latency_ms
@@ -198,11 +208,15 @@ def _table(results: list[RunResult]) -> str:
             f"{r.avg_batch_size if r.avg_batch_size is not None else '-'} | "
             f"{json.dumps(r.errors) if r.errors else '-'} | "
             f"{r.rss_mb if r.rss_mb is not None else '-'} | "
-            f"{r.cpu_ms_per_request if r.cpu_ms_per_request is not None else '-'} |")
+            f"{r.cpu_ms_per_request if r.cpu_ms_per_request is not None else '-'} | "
+            f"{r.gpu_busy_pct if r.gpu_busy_pct is not None else '-'} |")
     return "\n".join(lines)
 
 
-def throughput_ratios(results: list[RunResult]) -> dict[str, dict[str, float]]:
+def throughput_ratios(results: list[RunResult], engine_best: float | None = None
+                      ) -> dict[str, dict[str, float]]:
+    """The service against the other targets at each concurrency, and against the engine
+    ceiling (its best batch size's images/s) when given."""
     by = {(r.target, r.load): r for r in results if r.mode == "closed"}
     ratios: dict[str, dict[str, float]] = {}
     for (target, load), service in by.items():
@@ -213,6 +227,8 @@ def throughput_ratios(results: list[RunResult]) -> dict[str, dict[str, float]]:
             if (other, load) in by and by[(other, load)].throughput_rps:
                 entry[f"service/{other}"] = round(
                     service.throughput_rps / by[(other, load)].throughput_rps, 3)
+        if engine_best:
+            entry["service/engine ceiling"] = round(service.images_per_s / engine_best, 3)
         ratios[f"c={load:g}"] = entry
     # Overload against the best the machine did in-process at any concurrency.
     best = max((r.throughput_rps for r in by.values() if r.target == "ceiling"), default=0.0)
@@ -251,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--peer-providers", choices=("cpu", "cuda"), default="cpu",
+                   help="where the plain peer runs its model")
     p.add_argument("--no-ceiling", action="store_true")
     p.add_argument("--ceiling-instances", default="1,2",
                    help="engine runs in flight to try for the ceiling; the best counts")
@@ -314,11 +332,12 @@ def main(argv: list[str] | None = None) -> None:
             port = free_port()
             peer = stack.enter_context(_server(
                 [python, "-m", "app.bench.peer", "--model", str(args.model), "--port",
-                 str(port)], port, "/docs", "peer"))
+                 str(port), "--providers", args.peer_providers], port, "/docs", "peer"))
         idle = asyncio.run(_service_metrics(service.url))
         idle_rss_mb = round(metric_value(idle, "process_resident_memory_bytes") / 1e6, 1)
         results = asyncio.run(_run(args, service, peer, bodies, settings))
     single_ms = asyncio.run(single_call_ms(settings, bodies[0]))
+    engine = None if args.no_ceiling else engine_ceiling(settings, bodies, args.duration_s)
     if args.overload:
         port = free_port()
         with _server([python, "-m", "app", "--model-path", str(args.model), "--port",
@@ -342,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
         "duration_s": args.duration_s, "repeat": args.repeat,
         "single_inprocess_call_ms": round(single_ms, 2),
         "idle_rss_mb": idle_rss_mb,
-        "ratios": throughput_ratios(results),
+        "engine_ceiling": engine.as_dict() if engine else None,
+        "ratios": throughput_ratios(results, engine.best if engine else None),
         "results": [r.as_dict() for r in results],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -350,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     plot = write_plot(results, args.out / "bench.png")
     print(_table(results))
     print(f"single in-process call: {single_ms:.1f} ms; idle RSS {idle_rss_mb} MB")
+    if engine:
+        print(f"engine ceiling (decoded images, images/s by batch): "
+              f"{json.dumps(engine.images_per_s)}; best: batch {engine.best_batch}")
     for r in results:
         if r.target == "service" and r.http_ms:
             print(f"HTTP adds to the service's own time at c={r.load:g}: p50 {r.http_ms['p50']} "

@@ -1,7 +1,7 @@
 """The plain peer: what a user would write by hand to serve the same model.
 
-FastAPI, one onnxruntime session, the work in ``run_in_threadpool``, no batching. The bench
-measures it beside the service. Run it alone with:
+FastAPI, one onnxruntime session (CPU, or CUDA with its default options), the work in
+``run_in_threadpool``, no batching. The bench measures it beside the service. Run it alone with:
     python -m app.bench.peer --model models/dfine_n_shapes.onnx --port 8001
 """
 
@@ -17,9 +17,14 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
-def create_peer(model_path: str) -> FastAPI:
-    session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+
+def create_peer(model_path: str, providers: str = "cpu") -> FastAPI:
+    if providers != "cpu" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # onnxruntime-gpu's CUDA libraries come as wheels
+    session = ort.InferenceSession(model_path, providers=PROVIDERS[providers])
     _, _, height, width = session.get_inputs()[0].shape
     app = FastAPI()
 
@@ -48,8 +53,11 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--providers", choices=sorted(PROVIDERS), default="cpu",
+                        help="onnxruntime's default options for these, as a user would write")
     args = parser.parse_args()
-    uvicorn.run(create_peer(args.model), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_peer(args.model, args.providers), host=args.host, port=args.port,
+                log_level="warning")
 
 
 if __name__ == "__main__":

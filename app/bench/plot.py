@@ -1,5 +1,5 @@
-"""A PNG plot of throughput and p99 latency against concurrency, drawn with OpenCV (no
-plotting library in the service's dependencies)."""
+"""A PNG plot of throughput, p99 latency and (where measured) GPU busy time against
+concurrency, drawn with OpenCV (no plotting library in the service's dependencies)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import numpy as np
 from app.bench.stats import RunResult
 
 COLORS = {"service": (200, 90, 30), "ceiling": (60, 160, 60), "peer": (40, 40, 220)}
-WIDTH, HEIGHT, MARGIN = 1100, 460, 70
+PANEL_WIDTH, HEIGHT, MARGIN = 550, 460, 70
 
 
 def _panel(canvas: np.ndarray, x0: int, title: str, series: dict[str, list[tuple[float, float]]],
            unit: str) -> None:
-    w, h = WIDTH // 2 - MARGIN - 20, HEIGHT - 2 * MARGIN
+    w, h = PANEL_WIDTH - MARGIN - 20, HEIGHT - 2 * MARGIN
     points = [p for values in series.values() for p in values]
     if not points:
         return
@@ -55,14 +55,19 @@ def _panel(canvas: np.ndarray, x0: int, title: str, series: dict[str, list[tuple
 
 
 def write_plot(results: list[RunResult], path: Path) -> Path:
-    canvas = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
     closed = [r for r in results if r.mode == "closed"]
     targets = sorted({r.target for r in closed})
-    throughput = {t: [(r.load, r.throughput_rps) for r in closed if r.target == t]
-                  for t in targets}
-    p99 = {t: [(r.load, r.latency_ms["p99"]) for r in closed if r.target == t] for t in targets}
-    _panel(canvas, MARGIN, "Throughput", throughput, "requests/s")
-    _panel(canvas, WIDTH // 2 + MARGIN, "p99 latency", p99, "ms")
+    panels = [("Throughput", "requests/s", {t: [(r.load, r.throughput_rps) for r in closed
+                                                  if r.target == t] for t in targets}),
+              ("p99 latency", "ms", {t: [(r.load, r.latency_ms["p99"]) for r in closed
+                                         if r.target == t] for t in targets})]
+    busy = {t: [(r.load, r.gpu_busy_pct) for r in closed
+                if r.target == t and r.gpu_busy_pct is not None] for t in targets}
+    if any(busy.values()):
+        panels.append(("GPU busy", "%", {t: v for t, v in busy.items() if v}))
+    canvas = np.full((HEIGHT, PANEL_WIDTH * len(panels), 3), 255, np.uint8)
+    for index, (title, unit, series) in enumerate(panels):
+        _panel(canvas, index * PANEL_WIDTH + MARGIN, title, series, unit)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), canvas)
     return path

@@ -36,6 +36,8 @@ class RunResult:
     cpu_ms_per_request: float | None = None  # the server's CPU (all threads) per success
     # latency minus the service's own time (HTTP, the client): p50 and p99, when read
     http_ms: dict[str, float] | None = None
+    gpu_busy_pct: float | None = None  # mean share of time a GPU kernel ran (NVML)
+    gpu_memory_mb: float | None = None  # peak GPU memory in use
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

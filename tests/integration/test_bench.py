@@ -28,7 +28,12 @@ def test_bench_writes_results_with_ratios_and_a_plot(tmp_path: Path) -> None:
     assert service["avg_batch_size"] >= 1 and service["rss_mb"] > 50
     overload = next(r for r in results if r["target"] == "service-overload")
     assert set(overload["errors"]) <= {"503"}
-    assert set(report["ratios"]["c=4"]) == {"service/ceiling", "service/peer"}
+    assert set(report["ratios"]["c=4"]) == {"service/ceiling", "service/peer",
+                                            "service/engine ceiling"}
+    engine = report["engine_ceiling"]  # the CPU default runs batches of 1 only
+    assert set(engine["images_per_s_by_batch"]) == {"1"} and engine["best_batch"] == 1
+    assert engine["images_per_s"] > 0
+    assert all(r["gpu_busy_pct"] is None and r["gpu_memory_mb"] is None for r in results)
     assert set(report["ratios"]["overload c=8"]) == {"service/best ceiling"}
     assert len(service["extra"]["repeats_rps"]) == 2
     # At c=1 the service's own timing is read back: HTTP adds a little, never a negative time.
