@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     batch_buckets: str = Field(
         "auto", description="batch sizes the engine runs at, each in a session of its own "
         "that sees only that shape (a batch is padded to the next); auto: 1,2,4,8,16,32 up to "
-        "MAX_BATCH_SIZE on GPU, none on CPU")
+        "MAX_BATCH_SIZE with the CUDA provider, none on CPU or TensorRT")
     cuda_graph: CudaGraphMode = Field(
         "auto", description="CUDA provider with buckets: replay each bucket's run as a CUDA "
         "graph; auto falls back (logged) where a model can't be captured, on refuses to start")

@@ -269,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--peer-providers", choices=("cpu", "cuda"), default="cpu",
                    help="where the plain peer runs its model")
-    p.add_argument("--no-ceiling", action="store_true")
+    p.add_argument("--no-ceiling", action="store_true",
+                   help="skip the in-process ceiling (the service's code without HTTP)")
+    p.add_argument("--no-engine-ceiling", action="store_true",
+                   help="skip the engine ceiling (the engine alone, by batch size)")
     p.add_argument("--ceiling-instances", default="1,2",
                    help="engine runs in flight to try for the ceiling; the best counts")
     p.add_argument("--overload", type=int, default=0, metavar="C",
@@ -335,9 +338,13 @@ def main(argv: list[str] | None = None) -> None:
                  str(port), "--providers", args.peer_providers], port, "/docs", "peer"))
         idle = asyncio.run(_service_metrics(service.url))
         idle_rss_mb = round(metric_value(idle, "process_resident_memory_bytes") / 1e6, 1)
+        service_engine = None  # how it runs: buckets, their memory, precision (from /model)
+        with contextlib.suppress(OSError, RuntimeError, ValueError, KeyError):
+            service_engine = json.loads(asyncio.run(fetch(service.url + "/model")))["engine"]
         results = asyncio.run(_run(args, service, peer, bodies, settings))
     single_ms = asyncio.run(single_call_ms(settings, bodies[0]))
-    engine = None if args.no_ceiling else engine_ceiling(settings, bodies, args.duration_s)
+    engine = (None if args.no_engine_ceiling
+              else engine_ceiling(settings, bodies, args.duration_s))
     if args.overload:
         port = free_port()
         with _server([python, "-m", "app", "--model-path", str(args.model), "--port",
@@ -361,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         "duration_s": args.duration_s, "repeat": args.repeat,
         "single_inprocess_call_ms": round(single_ms, 2),
         "idle_rss_mb": idle_rss_mb,
+        "service_engine": service_engine,
         "engine_ceiling": engine.as_dict() if engine else None,
         "ratios": throughput_ratios(results, engine.best if engine else None),
         "results": [r.as_dict() for r in results],

@@ -3,6 +3,7 @@
     dfine-serve eval --data data/shapes/val --url http://127.0.0.1:8000
     dfine-serve eval --data data/shapes/val --model models/dfine_n_shapes.onnx --providers cpu
     dfine-serve eval --data val --model m.onnx --providers tensorrt --compare-providers cpu
+    dfine-serve eval --data val --model m.onnx --providers cuda --compare-precision fp16
 
 Every image is sent with score_threshold=0 and max_detections=300: AP needs all detections.
 The COCO evaluator (faster-coco-eval) comes with the `[models]` extra.
@@ -41,6 +42,7 @@ class Target:
     url: str | None = None
     model: Path | None = None
     providers: str = "auto"
+    precision: str = "fp32"
 
 
 def load_dataset(data: Path) -> tuple[Path, dict[str, Any]]:
@@ -89,10 +91,11 @@ async def _detect_over_http(url: str, images: list[tuple[int, bytes]], concurren
     return found
 
 
-async def _detect_in_process(model: Path, providers: str, images: list[tuple[int, bytes]],
+async def _detect_in_process(target: Target, images: list[tuple[int, bytes]],
                              concurrency: int, bar: ProgressBar
                              ) -> dict[int, list[dict[str, Any]]]:
-    settings = Settings(model_path=model, providers=providers)
+    settings = Settings(model_path=target.model, providers=target.providers,
+                        precision=target.precision)
     engine = await asyncio.to_thread(OnnxEngine.load, settings)
     detector = Detector(engine, settings, Metrics())
     await asyncio.to_thread(detector.warm_up)
@@ -154,8 +157,7 @@ def evaluate(target: Target, data: Path, concurrency: int = 4, limit: int = 0,
         found = asyncio.run(_detect_over_http(target.url, images, concurrency, headers, bar))
     else:
         assert target.model is not None
-        found = asyncio.run(_detect_in_process(target.model, target.providers, images,
-                                               concurrency, bar))
+        found = asyncio.run(_detect_in_process(target, images, concurrency, bar))
     elapsed = time.perf_counter() - started
     bar.close()
     results = [r for image_id, dets in found.items()
@@ -176,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-model", type=Path, help="also evaluate this model in-process")
     p.add_argument("--compare-providers",
                    help="also evaluate --model (or --compare-model) with these providers")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="in-process precision (as the service's --precision)")
+    p.add_argument("--compare-precision", choices=("fp32", "fp16"),
+                   help="also evaluate --model (or --compare-model) at this precision")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--limit", type=int, default=0, help="only the first N images")
     p.add_argument("--api-key")
@@ -186,17 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     first = (Target("service", url=args.url) if args.url
-             else Target(f"{args.model.name}:{args.providers}", model=args.model,
-                         providers=args.providers))
+             else Target(f"{args.model.name}:{args.providers}:{args.precision}",
+                         model=args.model, providers=args.providers, precision=args.precision))
     targets = [first]
     if args.compare_url:
         targets.append(Target("compare-service", url=args.compare_url))
-    elif args.compare_model or args.compare_providers:
+    elif args.compare_model or args.compare_providers or args.compare_precision:
         model = args.compare_model or args.model
         if model is None:
-            raise SystemExit("--compare-providers needs --model or --compare-model")
+            raise SystemExit("--compare-providers and --compare-precision need --model or "
+                             "--compare-model")
         providers = args.compare_providers or args.providers
-        targets.append(Target(f"{model.name}:{providers}", model=model, providers=providers))
+        precision = args.compare_precision or args.precision
+        targets.append(Target(f"{model.name}:{providers}:{precision}", model=model,
+                              providers=providers, precision=precision))
     try:
         rows = [evaluate(t, args.data, args.concurrency, args.limit, args.api_key)
                 for t in targets]

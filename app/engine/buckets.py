@@ -27,19 +27,21 @@ def parse_buckets(text: str) -> tuple[int, ...] | None:
     return tuple(sizes)
 
 
-def resolve_buckets(requested: tuple[int, ...] | None, max_batch_size: int, on_gpu: bool,
+def resolve_buckets(requested: tuple[int, ...] | None, max_batch_size: int, on_cuda: bool,
                     fixed_batch: int | None) -> tuple[int, ...] | None:
-    """The buckets to serve with; None: one session for every batch size (the CPU default).
+    """The buckets to serve with; None: one session for every batch size.
 
-    A model with a fixed batch size has one bucket, its own. ``auto`` gives buckets on a GPU
-    (powers of two up to ``max_batch_size``, and ``max_batch_size`` itself) and none on a CPU,
-    where a dynamic batch costs nothing. Explicit buckets above ``max_batch_size`` are dropped;
-    ``max_batch_size`` is added, so that a full batch always has a bucket.
+    A model with a fixed batch size has one bucket, its own. ``auto`` gives buckets where the
+    CUDA provider runs the model (powers of two up to ``max_batch_size``, and
+    ``max_batch_size`` itself), and none elsewhere: a CPU session takes any batch size at no
+    cost, and TensorRT builds one engine for a dynamic-batch profile (an engine per bucket
+    would multiply its minutes-long builds). Explicit buckets above ``max_batch_size`` are
+    dropped; ``max_batch_size`` is added, so that a full batch always has a bucket.
     """
     if fixed_batch is not None:
         return (fixed_batch,)
     if requested is None:
-        if not on_gpu:
+        if not on_cuda:
             return None
         requested = GPU_DEFAULT_BUCKETS
     return tuple(sorted({b for b in requested if b <= max_batch_size} | {max_batch_size}))

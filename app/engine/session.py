@@ -227,9 +227,9 @@ class OnnxEngine:
         self._running_lock = threading.Lock()
         self._outputs = ([*OFFICIAL_OUTPUTS] if info.layout == "official"
                          else [info.logits_output, RAW_BOXES_OUTPUT])
-        # IO binding names every output instead of trusting their order, and lets the CUDA
-        # provider write results straight to pinned host memory.
-        self._bind_device = "cuda" if prov.CUDA in info.providers[:1] else None
+        # Without buckets on a GPU (TensorRT's dynamic profile), IO binding names every output
+        # instead of trusting their order and leaves them on the device until copied back.
+        self._bind_device = "cuda" if info.providers[:1] != [prov.CPU] else None
 
     @property
     def buckets(self) -> tuple[int, ...] | None:
@@ -272,8 +272,8 @@ class OnnxEngine:
         fixed_batch = batch_dim if isinstance(batch_dim, int) else None
         parallel = parallelism(settings, requested, fixed_batch)
         on_gpu = requested[0] != prov.CPU
-        bucket_sizes = resolve_buckets(settings.bucket_sizes, parallel.max_batch_size, on_gpu,
-                                       fixed_batch)
+        bucket_sizes = resolve_buckets(settings.bucket_sizes, parallel.max_batch_size,
+                                       requested[0] == prov.CUDA, fixed_batch)
         source = _model_source(path, settings.precision, requested)
         gpu = prov.GpuOptions(
             max_batch_size=parallel.max_batch_size, input_height=height, input_width=width,

@@ -33,6 +33,7 @@ def test_bench_writes_results_with_ratios_and_a_plot(tmp_path: Path) -> None:
     engine = report["engine_ceiling"]  # the CPU default runs batches of 1 only
     assert set(engine["images_per_s_by_batch"]) == {"1"} and engine["best_batch"] == 1
     assert engine["images_per_s"] > 0
+    assert report["service_engine"]["precision"] == "fp32"  # read from the service's /model
     assert all(r["gpu_busy_pct"] is None and r["gpu_memory_mb"] is None for r in results)
     assert set(report["ratios"]["overload c=8"]) == {"service/best ceiling"}
     assert len(service["extra"]["repeats_rps"]) == 2

@@ -34,4 +34,17 @@ def test_service_keeps_the_model_cards_accuracy_and_compare_matches(
     assert service["AP50"] >= 0.90
     assert set(report["difference"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert abs(report["difference"]["AP"]) <= 0.002  # same code, same numbers, no HTTP
-    assert in_process["target"] == "dfine_n_shapes.onnx:cpu"
+    assert in_process["target"] == "dfine_n_shapes.onnx:cpu:fp32"
+
+
+def test_compare_precision_reports_the_fp16_models_ap_change(val_split: Path, tmp_path: Path
+                                                             ) -> None:
+    # On the CPU, onnxruntime runs most fp16 nodes through casts: this measures the rounding
+    # of the converted model, not GPU fp16 arithmetic (the GPU check measures that).
+    out = tmp_path / "eval.json"
+    main(["eval", "--data", str(val_split), "--model", str(DEFAULT_MODEL), "--providers",
+          "cpu", "--compare-precision", "fp16", "--limit", "100", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [r["target"] for r in report["results"]] == [
+        "dfine_n_shapes.onnx:cpu:fp32", "dfine_n_shapes.onnx:cpu:fp16"]
+    assert abs(report["difference"]["AP"]) <= 0.005, report["difference"]

@@ -36,14 +36,14 @@ def test_bucket_lists_parse_sorted_and_bad_ones_are_refused() -> None:
     assert settings_from_args(["--batch-buckets", "4,1"]).bucket_sizes == (1, 4)
 
 
-def test_auto_buckets_are_powers_of_two_on_gpu_and_none_on_cpu() -> None:
-    assert resolve_buckets(None, 32, on_gpu=True, fixed_batch=None) == (1, 2, 4, 8, 16, 32)
-    assert resolve_buckets(None, 8, on_gpu=True, fixed_batch=None) == (1, 2, 4, 8)
-    assert resolve_buckets(None, 12, on_gpu=True, fixed_batch=None) == (1, 2, 4, 8, 12)
-    assert resolve_buckets(None, 8, on_gpu=False, fixed_batch=None) is None
+def test_auto_buckets_are_powers_of_two_on_cuda_and_none_elsewhere() -> None:
+    assert resolve_buckets(None, 32, on_cuda=True, fixed_batch=None) == (1, 2, 4, 8, 16, 32)
+    assert resolve_buckets(None, 8, on_cuda=True, fixed_batch=None) == (1, 2, 4, 8)
+    assert resolve_buckets(None, 12, on_cuda=True, fixed_batch=None) == (1, 2, 4, 8, 12)
+    assert resolve_buckets(None, 8, on_cuda=False, fixed_batch=None) is None
     # Explicit ones apply on any provider; the largest batch always has a bucket.
-    assert resolve_buckets((2, 4, 16), 8, on_gpu=False, fixed_batch=None) == (2, 4, 8)
-    assert resolve_buckets((1, 2), 8, on_gpu=True, fixed_batch=4) == (4,)
+    assert resolve_buckets((2, 4, 16), 8, on_cuda=False, fixed_batch=None) == (2, 4, 8)
+    assert resolve_buckets((1, 2), 8, on_cuda=True, fixed_batch=4) == (4,)
 
 
 def test_a_batch_runs_in_the_smallest_bucket_that_holds_it() -> None:

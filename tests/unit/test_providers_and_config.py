@@ -69,3 +69,25 @@ def test_every_setting_has_a_flag() -> None:
 def test_unknown_providers_are_rejected(bad: str) -> None:
     with pytest.raises(ValueError):
         Settings(providers=bad)
+
+
+def test_a_bucket_session_gets_a_one_size_tensorrt_profile_and_cuda_graph_on_request(
+        tmp_path: Path) -> None:
+    opts = prov.GpuOptions(max_batch_size=32, input_height=640, input_width=640, trt_fp16=True,
+                           trt_cache_dir=tmp_path, sizes_input="orig_target_sizes", bucket=4)
+    trt = prov.tensorrt_options(opts)
+    assert {trt[k] for k in ("trt_profile_min_shapes", "trt_profile_opt_shapes",
+                             "trt_profile_max_shapes")} == {
+        "images:4x3x640x640,orig_target_sizes:4x2"}
+    assert "enable_cuda_graph" not in prov.cuda_options(opts)
+    graph = prov.cuda_options(prov.GpuOptions(32, 640, 640, True, tmp_path, None,
+                                              cuda_graph=True))
+    assert graph["enable_cuda_graph"] == "1"
+    assert graph["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+
+
+@pytest.mark.parametrize(("name", "bad"), [("precision", "fp8"), ("cuda_graph", "yes"),
+                                           ("batch_buckets", "1,two")])
+def test_gpu_settings_are_validated(name: str, bad: str) -> None:
+    with pytest.raises(ValueError):
+        Settings(**{name: bad})
