@@ -36,6 +36,10 @@ class UnsupportedMediaType(ServiceError):
     message = "send multipart/form-data, or an image/* or application/octet-stream body"
 
 
+class UnsupportedImageFormat(ServiceError):
+    code, status, message = "unsupported_media_type", 415, "the image format is not accepted"
+
+
 class InvalidRequest(ServiceError):
     code, status, message = "invalid_request", 422, "the request is invalid"
 

@@ -15,13 +15,31 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from app.errors import ImageTooLarge, InvalidImage
+from app.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
 
 LETTERBOX_FILL = 114  # the grey YOLO-style letterboxing pads with
 
 UInt8Image = npt.NDArray[np.uint8]
 
 MAX_SIDE = 1 << 20  # OpenCV's CV_IO_MAX_IMAGE_WIDTH and _HEIGHT: it refuses longer sides
+# A progressive JPEG is decoded once per scan: 1,000 one-byte scans of a 16 MP image took 10 s
+# here. Encoders write about 10 (libjpeg's default progression; mozjpeg a few more).
+MAX_JPEG_SCANS = 64
+SUPPORTED_FORMATS = "JPEG, PNG, GIF, BMP, WebP or TIFF"
+# Formats OpenCV would decode but whose headers are not read here, so their pixel count could
+# not be checked before OpenCV allocates it (a 2.6 KB JPEG 2000 of 16000x16000 took 3.7 GB):
+# refused with 415 by their signature. Anything else that is no supported format is refused
+# with 400 before OpenCV sees it.
+_REFUSED_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (0, b"\xffO\xffQ", "JPEG 2000"),
+    (4, b"ftypavif", "AVIF"), (4, b"ftypavis", "AVIF"), (4, b"ftypheic", "HEIF"),
+    (4, b"ftypmif1", "HEIF"),
+    (0, b"#?RADIANCE", "Radiance HDR"), (0, b"#?RGBE", "Radiance HDR"),
+    (0, b"v/1\x01", "OpenEXR"), (0, b"Y\xa6j\x95", "Sun raster"),
+    (0, b"PF\n", "PFM"), (0, b"Pf\n", "PFM"), (0, b"PF\r", "PFM"), (0, b"Pf\r", "PFM"),
+    (0, b"II+\x00", "BigTIFF"), (0, b"MM\x00+", "BigTIFF"),
+)
 
 
 @dataclass(frozen=True)
@@ -63,27 +81,61 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _tiff_size(data: bytes) -> tuple[int, int] | None:
+def _tiff_size_tags(data: bytes) -> list[tuple[int, int]]:
+    """(tag, value) of the ImageWidth (256) and ImageLength (257) entries of the first IFD."""
     order = "<" if data[:2] == b"II" else ">"
     (offset,) = struct.unpack(order + "I", data[4:8])
     if offset + 2 > len(data):
-        return None
+        return []
     (count,) = struct.unpack(order + "H", data[offset:offset + 2])
-    size: dict[int, int] = {}
+    found = []
     for k in range(count):
         entry = data[offset + 2 + 12 * k: offset + 14 + 12 * k]
         if len(entry) < 12:
             break
         tag, kind = struct.unpack(order + "HH", entry[:4])
-        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+        if tag in (256, 257):  # SHORT (3) or LONG (4)
             fmt = "H" if kind == 3 else "I"
-            size[tag] = struct.unpack(order + fmt, entry[8:8 + struct.calcsize(fmt)])[0]
+            found.append((tag, struct.unpack(order + fmt, entry[8:8 + struct.calcsize(fmt)])[0]))
+    return found
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    size = dict(reversed(_tiff_size_tags(data)))  # the first of each tag
     if 256 in size and 257 in size:
         return size[256], size[257]
     return None
 
 
+def check_format(data: bytes) -> None:
+    """Refuse what is not one of the supported formats before any decoder sees it: formats
+    OpenCV could decode but whose size is not checked here (415), anything else (400), and
+    JPEGs with more scans than MAX_JPEG_SCANS (400)."""
+    for offset, signature, name in _REFUSED_SIGNATURES:
+        if data[offset:offset + len(signature)] == signature:
+            raise UnsupportedImageFormat(f"{name} images are not accepted; send "
+                                         f"{SUPPORTED_FORMATS}")
+    if data[:1] == b"P" and data[1:2] in _PNM_KINDS and data[2:3].isspace():
+        raise UnsupportedImageFormat(f"PNM images are not accepted; send {SUPPORTED_FORMATS}")
+    if not data.startswith(_SUPPORTED_SIGNATURES):
+        raise InvalidImage(f"the data is not a {SUPPORTED_FORMATS} image")
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        try:
+            tags = [tag for tag, _ in _tiff_size_tags(data)]
+        except struct.error:
+            tags = []
+        if len(tags) != len(set(tags)):  # which one a decoder believes is its own choice
+            raise InvalidImage("the TIFF header repeats its width or height")
+    # 0xFF 0xDA (start of scan) cannot occur inside entropy-coded data (0xFF is stuffed there).
+    scans = data.count(b"\xff\xda") if data[:2] == b"\xff\xd8" else 0
+    if scans > MAX_JPEG_SCANS:
+        raise InvalidImage(f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are decoded")
+
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNM_KINDS = (b"1", b"2", b"3", b"4", b"5", b"6", b"7")
+_SUPPORTED_SIGNATURES = (PNG_SIGNATURE, b"\xff\xd8", b"GIF87a", b"GIF89a", b"BM", b"RIFF",
+                         b"II*\x00", b"MM\x00*")
 
 
 def _png_chunks_fit(data: bytes) -> bool:
@@ -164,12 +216,14 @@ def _reduction(data: bytes, size: tuple[int, int] | None, min_side: int | None) 
 def decode(data: bytes, max_pixels: int, min_side: int | None = None) -> Decoded:
     """Bytes -> BGR uint8 image, EXIF orientation applied, and the original size.
 
-    Grayscale, RGBA (alpha dropped), 16-bit and palette images become 8-bit BGR. The pixel count
-    is checked from the header first, so a decompression bomb is refused before it is decoded.
+    Only JPEG, PNG, GIF, BMP, WebP and TIFF reach the decoder (``check_format``). Grayscale,
+    RGBA (alpha dropped), 16-bit and palette images become 8-bit BGR. The pixel count is
+    checked from the header first, so a decompression bomb is refused before it is decoded.
     With ``min_side``, a large JPEG is decoded at a reduced scale whose sides stay >= min_side.
     """
     if not data:
         raise InvalidImage("the image is empty (zero bytes)")
+    check_format(data)
     size = header_size(data)
     if size is not None and size[0] * size[1] > max_pixels:
         raise ImageTooLarge(f"the image has {size[0]}x{size[1]} pixels; the limit is "

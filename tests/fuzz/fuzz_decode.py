@@ -1,6 +1,7 @@
 """atheris fuzzing of the decode path: bytes -> header check -> decode -> preprocess.
 
-Any exception other than the service's own InvalidImage/ImageTooLarge is a crash.
+Any exception other than the service's own errors (InvalidImage, ImageTooLarge,
+UnsupportedImageFormat) is a crash.
     python tests/fuzz/fuzz_decode.py CORPUS_DIR -max_total_time=300     (make fuzz)
 """
 
@@ -11,7 +12,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from app.errors import ImageTooLarge, InvalidImage
+    from app.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
     from app.imaging import decode, header_size, prepare
 
 
@@ -19,7 +20,7 @@ def one_input(data: bytes) -> None:
     header_size(data)
     try:
         decoded = decode(data, max_pixels=4_000_000, min_side=64)
-    except (InvalidImage, ImageTooLarge):
+    except (InvalidImage, ImageTooLarge, UnsupportedImageFormat):
         return
     prepared = prepare(decoded.image, 64, 64, original_size=(decoded.width, decoded.height))
     assert prepared.pixels.shape == (3, 64, 64)

@@ -64,6 +64,36 @@ def png_with(width: int, height: int, body: bytes = b"") -> bytes:
             + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + body)
 
 
+def opencv_bytes(ext: str, image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(ext, image)
+    assert ok, ext
+    return data.tobytes()
+
+
+def tiff_with_two_widths() -> bytes:
+    """A TIFF whose first IFD gives ImageWidth twice: 16, then 60000 (a decoder might believe
+    either; the header check read the last one before)."""
+    data = bytearray(pil_bytes(Image.new("RGB", (16, 16)), "TIFF"))
+    offset = struct.unpack("<I", data[4:8])[0]
+    count = struct.unpack("<H", data[offset:offset + 2])[0]
+    for k in range(count):
+        at = offset + 2 + 12 * k
+        if struct.unpack("<H", data[at:at + 2])[0] == 257:  # turn ImageLength into a width
+            data[at:at + 12] = struct.pack("<HHII", 256, 4, 1, 60000)
+    return bytes(data)
+
+
+@cache
+def many_scans_jpeg() -> bytes:
+    """A 4000x4000 progressive JPEG whose smallest scan is repeated 1,000 times (125 KB):
+    before the scan limit it held a decode worker for about 10 s here."""
+    data = pil_bytes(Image.new("RGB", (4000, 4000), (120, 130, 140)), "JPEG",
+                     progressive=True, quality=90)
+    starts = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"]
+    scans = [data[a:b] for a, b in zip(starts, [*starts[1:], len(data) - 2])]
+    return data[:-2] + min(scans[1:], key=len) * 1000 + b"\xff\xd9"
+
+
 BAD: dict[str, tuple[Callable[[str], httpx.Response], int, str]] = {
     # broken bytes
     "zero bytes": (raw(b""), 400, "invalid_image"),
@@ -89,6 +119,23 @@ BAD: dict[str, tuple[Callable[[str], httpx.Response], int, str]] = {
         "image/webp"), 413, "image_too_large"),
     "bmp header with huge size": (raw(b"BM" + b"\0" * 16 + struct.pack("<ii", 90000, 90000)
                                       + b"\0" * 40, "image/bmp"), 413, "image_too_large"),
+    # formats OpenCV decodes without a size check here: refused by their signature
+    "jpeg 2000": (raw(opencv_bytes(".jp2", np.zeros((64, 64, 3), np.uint8)), "image/jp2"), 415,
+                  "unsupported_media_type"),
+    "pbm declaring 60000x60000": (raw(b"P4\n60000 60000\n" + b"\0" * 100, "image/x-pbm"),
+                                  415, "unsupported_media_type"),
+    "radiance hdr declaring 16000x16000": (raw(
+        b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 16000 +X 16000\n" + b"\0" * 64,
+        "image/vnd.radiance"), 415, "unsupported_media_type"),
+    "pfm (float pixels)": (raw(opencv_bytes(".pfm", np.ones((16, 16, 3), np.float32)),
+                               "image/x-pfm"), 415, "unsupported_media_type"),
+    "avif": (raw(opencv_bytes(".avif", np.zeros((16, 16, 3), np.uint8)), "image/avif"), 415,
+             "unsupported_media_type"),
+    "sun raster": (raw(opencv_bytes(".ras", np.zeros((16, 16, 3), np.uint8))), 415,
+                   "unsupported_media_type"),
+    "tiff repeating its width": (raw(tiff_with_two_widths(), "image/tiff"), 400,
+                                 "invalid_image"),
+    "progressive jpeg of 1,000 scans": (raw(many_scans_jpeg()), 400, "invalid_image"),
     "declared body over the limit": (raw(b"\0" * (LIMIT + 1)), 413, "payload_too_large"),
     "multipart part over the limit": (multipart([("image", ("big.jpg", b"\0" * (LIMIT + 10),
                                                             "image/jpeg"))]),
