@@ -10,11 +10,13 @@ from types import FrameType
 from typing import Any, get_args
 
 import uvicorn
+from fastapi import FastAPI
 
 from app.api.deps import AppState
 from app.config import Settings
 from app.engine.session import OnnxEngine
 from app.errors import ModelLoadError
+from app.http_protocol import ConnectionLimits, guarded_protocol, raise_open_file_limit
 from app.logs import configure as configure_logging
 from app.main import create_app
 
@@ -104,12 +106,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dfine-serve: error: {exc}", file=sys.stderr)
         sys.exit(2)
     app = create_app(settings, engine=engine)
-    # The service writes its own access log (request id, latency, batch size): not uvicorn's.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, timeout_graceful_shutdown=None,
-                            access_log=False, log_config=None)
-    server = DrainingServer(config, app.state.dfine, drain_timeout_s=settings.request_timeout_s + 5)
+    server = DrainingServer(server_config(app, settings), app.state.dfine,
+                            drain_timeout_s=settings.request_timeout_s + 5)
     server.run()
+
+
+def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn with the connection limits of app/http_protocol.py, no Server header, and no
+    access log of its own (the service writes one with request ids and batch sizes)."""
+    errors = app.state.dfine.metrics.errors
+    limits = ConnectionLimits(settings.header_timeout_s, settings.max_header_bytes,
+                              settings.max_connections, settings.write_timeout_s)
+    raise_open_file_limit(settings.max_connections)
+    protocol = guarded_protocol(limits, lambda code: errors.labels(code=code).inc())
+    return uvicorn.Config(app, host=settings.host, port=settings.port,
+                          log_level=settings.log_level, timeout_graceful_shutdown=None,
+                          access_log=False, log_config=None, server_header=False, http=protocol)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,27 @@ class Settings(BaseSettings):
     cors_origins: str = Field(
         "", description="origins allowed by CORS, comma-separated ('*' for any); empty: off")
     read_timeout_s: float = Field(
-        30.0, gt=0, description="longest wait for the next chunk of an upload (then 408)")
+        10.0, gt=0, description="longest wait for the next chunk of an upload (then 408)")
+    upload_timeout_s: float = Field(
+        30.0, gt=0, description="the whole upload must arrive within this (then 408)")
+    upload_hold_ms: float = Field(
+        1000.0, ge=0, description="an admitted request whose upload is still arriving after "
+        "this gives its place back, and takes one again when its body is complete")
+    max_slow_uploads: int = Field(
+        64, ge=0, description="uploads still arriving without a place, at most (more get 408)")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="request line and headers must arrive within this (then 408 "
+        "and the connection is closed)")
+    max_header_bytes: int = Field(
+        16384, ge=1024, description="request line and headers, at most (then 431)")
+    max_connections: int = Field(
+        1000, ge=1, description="open connections, at most; more are refused with 503")
+    write_timeout_s: float = Field(
+        30.0, gt=0, description="a response the client does not read within this is dropped "
+        "and its connection closed")
+    max_renders: int = Field(
+        2, ge=1, description="/detect/render requests in flight (decoding, drawing, sending), "
+        "at most; more get 503")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
     log_level: LogLevel = Field("info", description="log level")

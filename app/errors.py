@@ -31,6 +31,13 @@ class ReadTimeout(ServiceError):
     code, status, message = "request_timeout", 408, "the upload was too slow"
 
 
+class ClientClosed(ServiceError):
+    """The client disconnected first; nobody reads this answer (nginx's 499), but the metrics
+    and the access log count it."""
+
+    code, status, message = "client_closed", 499, "client closed the request"
+
+
 class UnsupportedMediaType(ServiceError):
     code, status = "unsupported_media_type", 415
     message = "send multipart/form-data, or an image/* or application/octet-stream body"

@@ -80,6 +80,11 @@ class Detector:
         self._admitted = 0
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self.accepting = True
+        # Renders decode the full image again, draw and encode it: their own threads, so that
+        # they never hold up the decoding of /detect requests, and a bound on those in flight
+        # (held until the response is sent: app.api.routes).
+        self._render_pool = ThreadPoolExecutor(settings.max_renders, thread_name_prefix="render")
+        self._renders = 0
 
     @property
     def memory_bound_bytes(self) -> int:
@@ -181,6 +186,16 @@ class Detector:
         return DetectResult(prepared.width, prepared.height, detections,
                             {k: round(v * 1000, 3) for k, v in timing.items()}, row.batch_size)
 
+    def start_render(self) -> None:
+        """Take a place for one render (MAX_RENDERS at once), or raise Overloaded; give it back
+        with ``end_render`` once its response is sent."""
+        if self._renders >= self.settings.max_renders:
+            raise Overloaded(retry_after_s=1)
+        self._renders += 1
+
+    def end_render(self) -> None:
+        self._renders -= 1
+
     async def render(self, data: bytes, result: DetectResult, fmt: ImageFormat) -> bytes:
         """The upload at full resolution with ``result``'s detections drawn, encoded."""
 
@@ -188,7 +203,7 @@ class Detector:
             image = decode(data, self.settings.max_pixels).image
             return encode_image(draw(image, result.detections), fmt)
 
-        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, work)
+        return await asyncio.get_running_loop().run_in_executor(self._render_pool, work)
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests; let the admitted ones (reading, decoding, queued, running)
@@ -202,3 +217,4 @@ class Detector:
     async def stop(self) -> None:
         await self.batcher.stop()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._render_pool.shutdown(wait=False, cancel_futures=True)

@@ -5,15 +5,24 @@ Under overload most requests are refusals. Answering each through routing, depen
 the exception handlers cost more CPU than the engine could spare (64 clients, queue of 8:
 throughput fell to half of the ceiling). Refusals here are cheap, and come after a short wait
 for a place (ADMISSION_WAIT_MS) that paces clients which retry at once.
+
+A place is not held for a slow upload. 40 sockets that sent one byte every 10 s held every
+place, and every good request got 503 for as long as they lived. An upload still arriving
+UPLOAD_HOLD_MS after admission gives its place back and continues as a slow upload (at most
+MAX_SLOW_UPLOADS at once, the others get 408); when its body is complete it takes a place
+again, or gets 503 like any request when there is none.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import AppState
-from app.errors import Overloaded
+from app.errors import Overloaded, ReadTimeout
+from app.service import Detector
 
 DETECT_PATHS = ("/detect", "/detect/batch", "/detect/render")
 _BODY = orjson.dumps({"error": {"code": Overloaded.code, "message": Overloaded.message}})
@@ -26,6 +35,9 @@ class AdmissionGate:
         self.app = app
         self.state = state
         self.wait_s = state.settings.admission_wait_ms / 1000
+        self.hold_s = state.settings.upload_hold_ms / 1000
+        self.max_slow = state.settings.max_slow_uploads
+        self.slow_uploads = 0  # uploads still arriving that gave their place back
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         detector = self.state.detector
@@ -44,7 +56,58 @@ class AdmissionGate:
             await send({"type": "http.response.body", "body": _BODY})
             return
         scope.setdefault("state", {})["admitted"] = True
+        upload = _Upload(self, detector, images, receive)
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, upload.receive, send)
         finally:
-            detector.release(images)
+            upload.close()
+
+
+class _Upload:
+    """One admitted request's body as it arrives, and the places it holds meanwhile."""
+
+    def __init__(self, gate: AdmissionGate, detector: Detector, images: int,
+                 receive: Receive) -> None:
+        self.gate, self.detector, self.images, self._receive = gate, detector, images, receive
+        self.held = images  # places held now
+        self.slow = False  # gave its place back and counts as a slow upload
+        self.cut = False  # too slow while MAX_SLOW_UPLOADS others are: 408 at its next chunk
+        self.complete = False
+        self._timer = asyncio.get_running_loop().call_later(gate.hold_s, self._too_slow)
+
+    def _too_slow(self) -> None:
+        if self.complete:
+            return
+        self.detector.release(self.held)
+        self.held = 0
+        if self.gate.slow_uploads >= self.gate.max_slow:
+            self.cut = True
+        else:
+            self.slow = True
+            self.gate.slow_uploads += 1
+
+    def _not_slow(self) -> None:
+        if self.slow:
+            self.slow = False
+            self.gate.slow_uploads -= 1
+
+    async def receive(self) -> Message:
+        if self.cut:
+            raise ReadTimeout("the upload is too slow while the service is busy")
+        message = await self._receive()
+        if (not self.complete and message["type"] == "http.request"
+                and not message.get("more_body", False)):
+            self.complete = True
+            self._timer.cancel()
+            if self.held == 0 and not self.cut:  # a place again, or 503 (handled as errors are)
+                self._not_slow()
+                await self.detector.acquire(self.images, self.gate.wait_s)
+                self.held = self.images
+        return message
+
+    def close(self) -> None:
+        self._timer.cancel()
+        self._not_slow()
+        if self.held:
+            self.detector.release(self.held)
+            self.held = 0

@@ -71,20 +71,29 @@ async def require_api_key(request: Request, state: StateDep) -> None:
         raise Unauthorized()
 
 
+# Without class names (a raw head of unknown width), ids are only checked for sanity.
+MAX_CLASS_ID = 100_000
+
+
 def _class_ids(text: str | None, names: list[str] | None) -> frozenset[int] | None:
+    """``classes``: absent or empty keeps every class; otherwise each comma-separated item must
+    be a known class name (any case) or a class id (ASCII digits, within the model's classes):
+    anything else is a 422, so that a typo never silently filters everything out."""
     if text is None or not text.strip():
         return None
     index = {name.lower(): i for i, name in enumerate(names or [])}
+    count = len(names) if names else MAX_CLASS_ID
     ids = set()
     for token in (t.strip() for t in text.split(",")):
-        if not token:
-            continue
-        if token.isdigit():
-            ids.add(int(token))
-        elif token.lower() in index:
+        if token.lower() in index:
             ids.add(index[token.lower()])
+        elif token.isascii() and token.isdigit() and len(token) <= 6 and int(token) < count:
+            ids.add(int(token))
+        elif not token:
+            raise InvalidRequest("classes: an empty item (a stray comma)")
         else:
-            raise InvalidRequest(f"classes: unknown class {token!r}")
+            known = f"; known: {', '.join(names[:20])} or ids 0..{count - 1}" if names else ""
+            raise InvalidRequest(f"classes: unknown class {token[:64]!r}{known}")
     return frozenset(ids)
 
 

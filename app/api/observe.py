@@ -16,6 +16,13 @@ access_log = logging.getLogger("dfine.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
 _VALID_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")  # echoed into headers and logs: keep it tame
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (\\x0a): a path like /a%0A... cannot forge a
+    second line in a text log."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def endpoint_of(scope: Scope, known_paths: tuple[str, ...]) -> str:
@@ -61,7 +68,8 @@ class RequestObserver:
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client") or ("-", 0)
                 access_log.info(
-                    "%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000,
+                    "%s %s %d %.1fms", scope["method"], printable(scope["path"]), status,
+                    elapsed * 1000,
                     extra={"request_id": request_id.decode(), "method": scope["method"],
                            "path": scope["path"], "status": status,
                            "latency_ms": round(elapsed * 1000, 2), "client": client[0],

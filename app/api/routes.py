@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from app.api.deps import DetectorDep, ParamsDep, StateDep, require_api_key
 from app.api.errors import AUTH_ERRORS, DETECT_ERRORS, NOT_READY
 from app.api.uploads import read_image, read_images
-from app.errors import ServiceError
+from app.errors import ClientClosed
 from app.render import negotiate
 from app.schemas import (
     BatchingInfo,
@@ -35,6 +36,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 pages = APIRouter()  # the web page is public; it asks for the key when the API needs one
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
+RENDER_CHUNK_BYTES = 256 * 1024
 
 
 @pages.get("/", include_in_schema=False)
@@ -54,12 +56,6 @@ BATCH_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
         "type": "object", "required": ["images"],
         "properties": {"images": {"type": "array", "items": _BINARY, "minItems": 1}}}},
 }}}
-
-
-class ClientGone(ServiceError):
-    """The client disconnected; nobody reads this response (nginx's 499)."""
-
-    code, status, message = "client_closed", 499, "client closed the request"
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -87,7 +83,7 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
         if not gone:  # cancelled from elsewhere (shutdown): not ours to absorb
             raise
         this.uncancel()
-        raise ClientGone() from None
+        raise ClientClosed() from None
     finally:
         watcher.cancel()
 
@@ -118,8 +114,7 @@ async def detect(request: Request, detector: DetectorDep, params: ParamsDep) -> 
     `application/octet-stream`). Boxes are in the original image's pixels."""
     # Admitted by the AdmissionGate. No local keeps the upload: once decoded, only its small
     # tensor waits in the queue.
-    settings = detector.settings
-    upload = read_image(request, settings.max_upload_bytes, settings.read_timeout_s)
+    upload = read_image(request, detector.settings)
     result = await _until_disconnect(request, detector.detect(await upload, params))
     request.state.batch_size = result.batch_size  # for the access log
     return _json(_result_body(detector.engine.info.name, result))
@@ -130,9 +125,7 @@ async def detect(request: Request, detector: DetectorDep, params: ParamsDep) -> 
 async def detect_batch(request: Request, detector: DetectorDep, params: ParamsDep
                        ) -> Response:
     """Several multipart parts `images`; one result per image, in the order sent."""
-    settings = detector.settings
-    images = await read_images(request, settings.max_upload_bytes, settings.max_batch_images,
-                               settings.read_timeout_s)
+    images = await read_images(request, detector.settings)
 
     async def all_images() -> list[DetectResult]:
         return list(await asyncio.gather(*(detector.detect(d, params) for d in images)))
@@ -153,14 +146,41 @@ async def detect_render(request: Request, detector: DetectorDep, params: ParamsD
                             description="jpeg or png; default: from Accept, else jpeg")] = None,
                         ) -> Response:
     """Same input and query as `/detect`; answers a JPEG or PNG with the detections drawn."""
-    settings = detector.settings
-    data = await read_image(request, settings.max_upload_bytes, settings.read_timeout_s)
+    data = await read_image(request, detector.settings)
     result = await _until_disconnect(request, detector.detect(data, params))
     request.state.batch_size = result.batch_size
     fmt = negotiate(format, request.headers.get("accept", ""))
-    image = await detector.render(data, result, fmt)
-    return Response(image, media_type=f"image/{fmt}",
-                    headers={"X-Detections": str(len(result.detections))})
+    detector.start_render()  # MAX_RENDERS: held until the image is sent or its client dropped
+    try:
+        image = await detector.render(data, result, fmt)
+    except BaseException:
+        detector.end_render()
+        raise
+    return _SentInPieces(image, detector.end_render, media_type=f"image/{fmt}",
+                         headers={"X-Detections": str(len(result.detections))})
+
+
+class _SentInPieces(StreamingResponse):
+    """A large body sent in pieces, so that uvicorn's flow control keeps the unsent rest here
+    while a client reads slowly (the connection is dropped after WRITE_TIMEOUT_S), and
+    ``done`` called once it is sent or abandoned."""
+
+    def __init__(self, body: bytes, done: Callable[[], None], media_type: str,
+                 headers: dict[str, str]) -> None:
+        async def pieces() -> AsyncIterator[bytes]:
+            view = memoryview(body)
+            for start in range(0, len(view), RENDER_CHUNK_BYTES):
+                yield bytes(view[start:start + RENDER_CHUNK_BYTES])
+
+        super().__init__(pieces(), media_type=media_type,
+                         headers={**headers, "Content-Length": str(len(body))})
+        self._done = done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._done()
 
 
 @router.get("/healthz", response_model=Status, responses=AUTH_ERRORS, summary="Liveness")

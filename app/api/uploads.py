@@ -8,30 +8,48 @@ from collections.abc import AsyncGenerator
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
-from app.errors import InvalidRequest, PayloadTooLarge, ReadTimeout, UnsupportedMediaType
+from app.config import Settings
+from app.errors import (
+    ClientClosed,
+    InvalidRequest,
+    PayloadTooLarge,
+    ReadTimeout,
+    UnsupportedMediaType,
+)
 
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the image bytes
 RAW_TYPES = ("image/", "application/octet-stream")
 
 
-async def _limited(request: Request, limit: int, read_timeout_s: float
+async def _limited(request: Request, limit: int, settings: Settings
                    ) -> AsyncGenerator[bytes, None]:
     """The body's chunks, stopping with PayloadTooLarge as soon as ``limit`` is passed (the rest
     is never read, so a huge upload costs no memory), or with ReadTimeout when the next chunk
-    takes longer than ``read_timeout_s`` (slowloris-style uploads)."""
+    takes longer than READ_TIMEOUT_S or the whole body longer than UPLOAD_TIMEOUT_S
+    (slowloris-style uploads: a byte every few seconds resets no deadline)."""
+    read_timeout_s, upload_timeout_s = settings.read_timeout_s, settings.upload_timeout_s
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} bytes")
     total = 0
     chunks = request.stream().__aiter__()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + upload_timeout_s
     while True:
+        next_chunk_by = min(deadline, loop.time() + read_timeout_s)
         try:
-            async with asyncio.timeout(read_timeout_s):  # unlike wait_for, no task per chunk
+            async with asyncio.timeout_at(next_chunk_by):  # unlike wait_for, no task per chunk
                 chunk = await chunks.__anext__()
         except StopAsyncIteration:
             return
+        except ClientDisconnect:  # gone mid-upload: a 499 in the metrics, no traceback
+            raise ClientClosed() from None
         except TimeoutError:
+            if next_chunk_by == deadline:
+                raise ReadTimeout(f"the upload took longer than {upload_timeout_s:g} s"
+                                  ) from None
             raise ReadTimeout(f"no data for {read_timeout_s:g} s") from None
         total += len(chunk)
         if total > limit:
@@ -44,8 +62,8 @@ def _media_type(request: Request) -> str:
 
 
 async def _multipart_images(request: Request, field: str, limit: int, max_parts: int,
-                            part_limit: int, read_timeout_s: float) -> list[bytes]:
-    parser = MultiPartParser(request.headers, _limited(request, limit, read_timeout_s),
+                            settings: Settings) -> list[bytes]:
+    parser = MultiPartParser(request.headers, _limited(request, limit, settings),
                              max_files=max_parts, max_fields=8)
     try:
         form = await parser.parse()
@@ -60,37 +78,38 @@ async def _multipart_images(request: Request, field: str, limit: int, max_parts:
             if not isinstance(part, UploadFile):
                 raise InvalidRequest(f"the '{field}' part must be a file, not a text field")
             data = await part.read()
-            if len(data) > part_limit:
-                raise PayloadTooLarge(f"a part is over the limit of {part_limit} bytes")
+            if len(data) > settings.max_upload_bytes:
+                raise PayloadTooLarge("a part is over the limit of "
+                                      f"{settings.max_upload_bytes} bytes")
             images.append(data)
         return images
     finally:
         await form.close()
 
 
-async def read_image(request: Request, limit: int, read_timeout_s: float) -> bytes:
+async def read_image(request: Request, settings: Settings) -> bytes:
     """The one image of a /detect request: multipart part ``image``, or the raw body."""
     media = _media_type(request)
+    limit = settings.max_upload_bytes
     if media == "multipart/form-data":
         images = await _multipart_images(request, "image", limit + MULTIPART_OVERHEAD_BYTES,
-                                         max_parts=2, part_limit=limit,
-                                         read_timeout_s=read_timeout_s)
+                                         max_parts=2, settings=settings)
         if len(images) != 1:
             raise InvalidRequest("send exactly one 'image' part")
         return images[0]
     if media.startswith(RAW_TYPES):
-        return b"".join([chunk async for chunk in _limited(request, limit, read_timeout_s)])
+        return b"".join([chunk async for chunk in _limited(request, limit, settings)])
     raise UnsupportedMediaType()
 
 
-async def read_images(request: Request, limit: int, max_images: int, read_timeout_s: float
-                      ) -> list[bytes]:
+async def read_images(request: Request, settings: Settings) -> list[bytes]:
     """The images of a /detect/batch request: multipart parts ``images``, in order."""
     if _media_type(request) != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data with one or more 'images' parts")
+    max_images = settings.max_batch_images
     images = await _multipart_images(
-        request, "images", max_images * limit + MULTIPART_OVERHEAD_BYTES,
-        max_parts=max_images + 1, part_limit=limit, read_timeout_s=read_timeout_s)
+        request, "images", max_images * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        max_parts=max_images + 1, settings=settings)
     if len(images) > max_images:
         raise InvalidRequest(f"at most {max_images} images per batch request")
     return images
