@@ -10,6 +10,7 @@ answering. Here:
 - request line and headers may hold ``max_header_bytes`` at most, else 431 and closed (checked
   on the raw bytes, before httptools buffers them);
 - connections beyond ``max_connections`` are refused on arrival with a 503 and closed;
+- a connection answered before its request body was all read is closed;
 - a connection whose client does not read what was written (the write buffer stays above its
   high-water mark) for ``write_timeout_s`` is aborted, which frees the buffer: 38 sockets that
   asked for large rendered PNGs and never read held 2.3 GB.
@@ -127,6 +128,14 @@ def guarded_protocol(limits: ConnectionLimits,
             # since its headers completed).
             if self._in_headers and self._header_bytes > limits.max_header_bytes:
                 self._refuse(_TOO_BIG, "headers_too_large")
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # Answered before its body was all read (408, 413, a 503 at the door): the rest
+            # would only be read and dropped, and a drip-feeding client would keep the
+            # connection for ever. Close it instead.
+            if self.cycle is not None and self.cycle.more_body:
+                self.transport.close()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()

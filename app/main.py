@@ -11,12 +11,15 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from app.api.admission import DETECT_PATHS, AdmissionGate
 from app.api.deps import AppState
 from app.api.errors import install_error_handlers
+from app.api.head import HeadAsGet
 from app.api.observe import RequestObserver
-from app.api.routes import pages, router
+from app.api.routes import STATIC, pages, router
+from app.api.security import SecurityHeaders
 from app.config import Settings
 from app.engine.session import OnnxEngine
 from app.metrics import Metrics
@@ -83,17 +86,23 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
         description="Object detection with D-FINE (and RT-DETR, RT-DETRv2, DEIM) ONNX models, "
                     "with dynamic batching.",
         lifespan=lifespan,
+        # Served by app.api.routes instead: from local files (no CDN), and behind the API key
+        # unless OPEN_PATHS lists them. No ReDoc: one API page is enough.
+        docs_url=None, redoc_url=None, openapi_url=None,
     )
     app.state.dfine = state
     install_error_handlers(app, metrics)
     app.include_router(router)
     app.include_router(pages)
+    app.mount("/static/swagger", StaticFiles(directory=STATIC / "swagger"), name="swagger")
 
     app.add_middleware(AdmissionGate, state=state)
     if settings.cors_origin_list:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
                            allow_methods=["GET", "POST"], allow_headers=["*"],
                            expose_headers=["X-Request-ID", "Retry-After"])
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(SecurityHeaders, page=STATIC / "index.html")
     # Outermost: it sees every answer, the gate's refusals included.
     app.add_middleware(RequestObserver, metrics=metrics, known_paths=DETECT_PATHS)
     return app

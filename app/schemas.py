@@ -42,11 +42,6 @@ class DetectResponse(BaseModel):
     timing_ms: Timing
 
 
-class BatchResponse(BaseModel):
-    model: str
-    results: list[DetectResponse] = Field(description="one per image, in the order sent")
-
-
 class ErrorDetail(BaseModel):
     code: str = Field(examples=["invalid_image"])
     message: str = Field(examples=["the data is not a decodable image"])
@@ -54,6 +49,17 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class BatchItemError(BaseModel):
+    index: int = Field(description="the image's place in the request, from 0")
+    error: ErrorDetail
+
+
+class BatchResponse(BaseModel):
+    model: str
+    results: list[DetectResponse | BatchItemError] = Field(
+        description="one per image, in the order sent: its detections, or its own error")
 
 
 class Status(BaseModel):
@@ -89,7 +95,7 @@ class EngineInfo(BaseModel):
 
 class ModelResponse(BaseModel):
     name: str
-    path: str
+    path: str = Field(description="the model file's name (not where it lies on the server)")
     format: str = Field(examples=["onnx"])
     layout: str = Field(examples=["official"], description="official or raw_head")
     providers: list[str] = Field(examples=[["CPUExecutionProvider"]])

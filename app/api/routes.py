@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from app.api.deps import DetectorDep, ParamsDep, StateDep, require_api_key
 from app.api.errors import AUTH_ERRORS, DETECT_ERRORS, NOT_READY
 from app.api.uploads import read_image, read_images
-from app.errors import ClientClosed
+from app.errors import ClientClosed, ServiceError
 from app.render import negotiate
 from app.schemas import (
     BatchingInfo,
@@ -43,6 +43,17 @@ RENDER_CHUNK_BYTES = 256 * 1024
 async def index() -> FileResponse:
     """The web page: drop or paste an image, see the boxes (app/static, no build step)."""
     return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs() -> FileResponse:
+    """Swagger UI, from this service's own files (app/static/swagger)."""
+    return FileResponse(STATIC / "docs.html", media_type="text/html")
 
 _BINARY = {"type": "string", "format": "binary"}
 IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
@@ -124,15 +135,28 @@ async def detect(request: Request, detector: DetectorDep, params: ParamsDep) -> 
                 openapi_extra=BATCH_BODY, summary="Detect objects in several images")
 async def detect_batch(request: Request, detector: DetectorDep, params: ParamsDep
                        ) -> Response:
-    """Several multipart parts `images`; one result per image, in the order sent."""
+    """Several multipart parts `images`; one result per image, in the order sent. An image that
+    fails (not decodable, too large, its run failed) gets its own `error` in its place; the
+    others are answered."""
     images = await read_images(request, detector.settings)
 
-    async def all_images() -> list[DetectResult]:
-        return list(await asyncio.gather(*(detector.detect(d, params) for d in images)))
+    async def one(data: bytes) -> DetectResult | ServiceError:
+        try:
+            return await detector.detect(data, params)
+        except ServiceError as exc:
+            return exc
 
-    results = await _until_disconnect(request, all_images())
+    results = await _until_disconnect(request, asyncio.gather(*(one(d) for d in images)))
     name = detector.engine.info.name
-    return _json({"model": name, "results": [_result_body(name, r) for r in results]})
+    body = []
+    for index, result in enumerate(results):
+        if isinstance(result, ServiceError):
+            detector.metrics.errors.labels(code=result.code).inc()
+            body.append({"index": index, "error": {"code": result.code,
+                                                   "message": result.message}})
+        else:
+            body.append(_result_body(name, result))
+    return _json({"model": name, "results": body})
 
 
 @router.post("/detect/render", response_class=Response, openapi_extra=IMAGE_BODY,
@@ -218,7 +242,7 @@ async def metrics(state: StateDep) -> Response:
 async def model(detector: DetectorDep) -> ModelResponse:
     info, settings = detector.engine.info, detector.settings
     return ModelResponse(
-        name=info.name, path=str(info.path), format="onnx", layout=info.layout,
+        name=info.name, path=info.path.name, format="onnx", layout=info.layout,
         providers=info.providers,
         input_size=ImageSize(width=info.input_width, height=info.input_height),
         fixed_batch=info.fixed_batch, resize=info.resize, classes=info.labels,

@@ -39,7 +39,9 @@ def test_page_draws_the_apis_boxes_and_filters_on_the_client(
     api = httpx.post(f"{server.url}/detect?score_threshold=0&max_detections=300",
                      content=path.read_bytes(), headers={"Content-Type": "image/png"},
                      timeout=30).json()["detections"]
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    # bypass_csp: Playwright's wait_for_function evaluates strings, which the page's policy
+    # forbids (the policy itself is tested below, without it).
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
     page.goto(server.url + "/")
     page.set_input_files("#file", str(path))
     page.wait_for_function("window.dfineDrawn.length > 0", timeout=20_000)
@@ -71,7 +73,8 @@ def test_page_draws_the_apis_boxes_and_filters_on_the_client(
 
 def test_page_fits_a_phone_screen_and_shows_errors(server: Server, browser: Browser,
                                                    tmp_path: Path) -> None:
-    page = browser.new_page(viewport={"width": 375, "height": 812}, is_mobile=True)
+    page = browser.new_page(viewport={"width": 375, "height": 812}, is_mobile=True,
+                            bypass_csp=True)
     page.goto(server.url + "/")
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
@@ -87,4 +90,23 @@ def test_page_fits_a_phone_screen_and_shows_errors(server: Server, browser: Brow
     assert width <= 376, width  # no sideways scrolling
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-page-phone.png"), full_page=True)
+    page.close()
+
+
+def test_api_docs_render_offline_under_their_policy(server: Server, browser: Browser) -> None:
+    page = browser.new_page()
+    outside: list[str] = []
+    violations: list[str] = []
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(
+        server.url) else (outside.append(route.request.url), route.abort()))
+    page.on("console", lambda m: violations.append(m.text)
+            if "Content Security Policy" in m.text else None)
+    page.goto(server.url + "/docs")
+    page.wait_for_selector(".opblock", timeout=20_000)  # the operations, from /openapi.json
+    assert page.locator(".opblock").count() >= 5
+    assert outside == [] and violations == []
+    page.goto(server.url + "/")  # the page's inline script and style pass its policy
+    page.wait_for_selector("#classes", state="attached", timeout=10_000)
+    page.wait_for_load_state("networkidle")
+    assert violations == []
     page.close()

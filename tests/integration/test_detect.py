@@ -92,6 +92,21 @@ def test_batch_endpoint_equals_single_calls(server: Server) -> None:
     assert [r["image"] for r in results] == [s["image"] for s in singles]
 
 
+def test_a_bad_image_in_a_batch_gets_its_own_error_and_the_others_their_answers(
+        server: Server) -> None:
+    good = encode(render_scene(2)[0])
+    parts = [("images", (f"{i}.jpg", data, "image/jpeg"))
+             for i, data in enumerate([good, b"junk", good, b"P4\n9 9\n"])]
+    response = httpx.post(f"{server.url}/detect/batch", files=parts, timeout=30)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert results[1] == {"index": 1, "error": {
+        "code": "invalid_image", "message": results[1]["error"]["message"]}}
+    assert results[3]["error"]["code"] == "unsupported_media_type"
+    assert results[0]["detections"] and results[0] == {**results[2],
+                                                       "timing_ms": results[0]["timing_ms"]}
+
+
 def test_32_concurrent_clients_get_correct_answers_in_batches(server: Server) -> None:
     images = [encode(render_scene(seed)[0]) for seed in range(200, 208)]
     expected = [httpx.post(f"{server.url}/detect", content=d, timeout=30,

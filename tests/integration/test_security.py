@@ -108,3 +108,55 @@ def test_requests_of_clients_that_disconnect_are_not_run(tmp_path: Path) -> None
         ok = httpx.post(f"{srv.url}/detect", content=IMAGE, timeout=30,
                         headers={"Content-Type": "image/jpeg"})
         assert ok.status_code == 200
+
+
+def test_with_an_api_key_the_api_description_is_closed_unless_opened(tmp_path: Path) -> None:
+    # Decided: every route checks the key, /docs and /openapi.json included; OPEN_PATHS
+    # publishes them.
+    with run_server(tmp_path, "--api-key", "k") as srv:
+        for path in ("/docs", "/openapi.json", "/model"):
+            assert httpx.get(f"{srv.url}{path}").status_code == 401, path
+        assert httpx.get(f"{srv.url}/openapi.json", headers={"X-API-Key": "k"}).json()["paths"]
+        assert httpx.get(f"{srv.url}/").status_code == 200  # the page asks for the key itself
+    with run_server(tmp_path, "--api-key", "k", "--open-paths",
+                    "/healthz,/readyz,/metrics,/docs,/openapi.json") as srv:
+        assert httpx.get(f"{srv.url}/docs").status_code == 200
+        assert httpx.get(f"{srv.url}/openapi.json").status_code == 200
+        assert httpx.get(f"{srv.url}/model").status_code == 401
+
+
+def test_docs_come_from_local_files_under_a_strict_policy(server: Server) -> None:
+    docs = httpx.get(f"{server.url}/docs")
+    assert docs.status_code == 200 and "http" not in docs.text.replace("http-equiv", "")
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "docs.js"):
+        got = httpx.get(f"{server.url}/static/swagger/{asset}")
+        assert got.status_code == 200 and len(got.content) > 100, asset
+    assert "script-src 'self';" in docs.headers["content-security-policy"]
+    assert httpx.get(f"{server.url}/redoc").status_code == 404  # one API page
+
+
+def test_every_answer_carries_security_headers_and_no_server_header(server: Server) -> None:
+    answers = [httpx.get(f"{server.url}/"), httpx.get(f"{server.url}/healthz"),
+               httpx.post(f"{server.url}/detect", content=b"junk", timeout=30,
+                          headers={"Content-Type": "image/jpeg"}),
+               httpx.get(f"{server.url}/nowhere")]
+    for answer in answers:
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["referrer-policy"] == "no-referrer"
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+        assert "server" not in answer.headers
+    page_policy = answers[0].headers["content-security-policy"]
+    assert "'unsafe-inline'" not in page_policy and "'sha256-" in page_policy
+    assert answers[1].headers["content-security-policy"].startswith("default-src 'none'")
+
+
+def test_head_is_answered_like_get_without_a_body(server: Server) -> None:
+    for path in ("/healthz", "/readyz", "/model", "/metrics", "/"):
+        head, get = httpx.head(f"{server.url}{path}"), httpx.get(f"{server.url}{path}")
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers[
+            "content-type"]
+
+
+def test_model_endpoint_names_the_file_without_its_location(server: Server) -> None:
+    assert httpx.get(f"{server.url}/model").json()["path"] == "dfine_n_shapes.onnx"
