@@ -85,7 +85,7 @@ class Settings(BaseSettings):
         1000.0, ge=0, description="an admitted request whose upload is still arriving after "
         "this gives its place back, and takes one again when its body is complete")
     max_slow_uploads: int = Field(
-        64, ge=0, description="uploads still arriving without a place, at most (more get 408)")
+        16, ge=0, description="uploads still arriving without a place, at most (more get 408)")
     header_timeout_s: float = Field(
         10.0, gt=0, description="request line and headers must arrive within this (then 408 "
         "and the connection is closed)")

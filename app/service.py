@@ -89,13 +89,16 @@ class Detector:
     @property
     def memory_bound_bytes(self) -> int:
         """The most that requests can hold at once, runtime and model aside: every admitted
-        request's upload, a full decode (and its resized copy) in each decode worker, and a
-        model-ready tensor for every admitted image."""
+        request's upload, a full decode (and its resized copy) in each decode worker, a
+        model-ready tensor for every admitted image, the slow uploads that gave their place
+        back, and each render's decoded, drawn and encoded image."""
         info, settings = self.engine.info, self.settings
         tensor = 3 * info.input_width * info.input_height * 4
         decoding = settings.max_pixels * 3 + info.input_width * info.input_height * 3
         return (self.max_admitted * (settings.max_upload_bytes + tensor)
-                + self.decode_workers * decoding)
+                + self.decode_workers * decoding
+                + settings.max_slow_uploads * settings.max_upload_bytes
+                + settings.max_renders * 3 * settings.max_pixels * 3)
 
     def start(self) -> None:
         self.batcher.start()
