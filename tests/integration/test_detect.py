@@ -103,8 +103,8 @@ def test_a_bad_image_in_a_batch_gets_its_own_error_and_the_others_their_answers(
     assert results[1] == {"index": 1, "error": {
         "code": "invalid_image", "message": results[1]["error"]["message"]}}
     assert results[3]["error"]["code"] == "unsupported_media_type"
-    assert results[0]["detections"] and results[0] == {**results[2],
-                                                       "timing_ms": results[0]["timing_ms"]}
+    assert results[0]["detections"]  # the same image twice: the same answer, to float noise
+    assert_same_detections(results[0]["detections"], results[2]["detections"])
 
 
 def test_32_concurrent_clients_get_correct_answers_in_batches(server: Server) -> None:
