@@ -91,3 +91,14 @@ def test_a_bucket_session_gets_a_one_size_tensorrt_profile_and_cuda_graph_on_req
 def test_gpu_settings_are_validated(name: str, bad: str) -> None:
     with pytest.raises(ValueError):
         Settings(**{name: bad})
+
+
+def test_the_open_file_limit_is_raised_to_hold_the_connections() -> None:
+    import resource
+
+    from app.http_protocol import raise_open_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 4096 + 256) if hard != resource.RLIM_INFINITY else 4096 + 256
+    assert raise_open_file_limit(4096) >= min(wanted, max(soft, wanted))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= min(wanted, soft)
