@@ -65,6 +65,25 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
+def detect_concurrently(url: str, images: list[bytes], clients: int
+                        ) -> list[list[dict[str, Any]]]:
+    """``clients`` JPEG uploads to /detect at once (client k sends image k mod len(images));
+    each answer's detections, in client order. Every answer must be a 200."""
+    import asyncio
+
+    async def client(k: int) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            response = await http.post(f"{url}/detect", content=images[k % len(images)],
+                                       headers={"Content-Type": "image/jpeg"})
+            assert response.status_code == 200, response.text
+            return list(response.json()["detections"])
+
+    async def all_clients() -> list[list[dict[str, Any]]]:
+        return await asyncio.gather(*(client(k) for k in range(clients)))
+
+    return asyncio.run(all_clients())
+
+
 @contextlib.contextmanager
 def run_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
                ready_timeout_s: float = 60) -> Iterator[Server]:

@@ -3,15 +3,20 @@ answers equal single ones, engine runs happen at bucket sizes, and /model report
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
 
 from app.bench.stats import metric_value
-from tests.helpers import Server, assert_same_detections, encode, render_scene, run_server
+from tests.helpers import (
+    Server,
+    assert_same_detections,
+    detect_concurrently,
+    encode,
+    render_scene,
+    run_server,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +38,7 @@ def test_concurrent_answers_equal_single_ones_and_runs_are_bucket_sized(bucketed
     expected = [httpx.post(f"{bucketed.url}/detect", content=d, timeout=30,
                            headers={"Content-Type": "image/jpeg"}).json()["detections"]
                 for d in images]
-
-    async def client(k: int) -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(timeout=60) as http:
-            response = await http.post(f"{bucketed.url}/detect", content=images[k % 6],
-                                       headers={"Content-Type": "image/jpeg"})
-            assert response.status_code == 200, response.text
-            return list(response.json()["detections"])
-
-    async def all_clients() -> list[list[dict[str, Any]]]:
-        return await asyncio.gather(*(client(k) for k in range(24)))
-
-    for k, answer in enumerate(asyncio.run(all_clients())):
+    for k, answer in enumerate(detect_concurrently(bucketed.url, images, 24)):
         assert_same_detections(answer, expected[k % 6])
     metrics = httpx.get(f"{bucketed.url}/metrics").text
     assert metric_value(metrics, "dfine_images_total") == 30

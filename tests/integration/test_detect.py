@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import cv2
@@ -10,7 +9,14 @@ import httpx
 import numpy as np
 
 from app.bench.stats import metric_value
-from tests.helpers import Server, assert_same_detections, box_iou, encode, render_scene
+from tests.helpers import (
+    Server,
+    assert_same_detections,
+    box_iou,
+    detect_concurrently,
+    encode,
+    render_scene,
+)
 
 SEEDS = list(range(100, 112))
 
@@ -113,18 +119,7 @@ def test_32_concurrent_clients_get_correct_answers_in_batches(server: Server) ->
                            headers={"Content-Type": "image/jpeg"}).json()["detections"]
                 for d in images]
     before = httpx.get(f"{server.url}/metrics").text
-
-    async def client(k: int) -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(timeout=60) as http:
-            response = await http.post(f"{server.url}/detect", content=images[k % 8],
-                                       headers={"Content-Type": "image/jpeg"})
-            assert response.status_code == 200, response.text
-            return list(response.json()["detections"])
-
-    async def all_clients() -> list[list[dict[str, Any]]]:
-        return await asyncio.gather(*(client(k) for k in range(32)))
-
-    answers = asyncio.run(all_clients())
+    answers = detect_concurrently(server.url, images, 32)
     for k, answer in enumerate(answers):
         assert_same_detections(answer, expected[k % 8])
     after = httpx.get(f"{server.url}/metrics").text
