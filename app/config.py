@@ -14,6 +14,7 @@ DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "dfine_
 PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
 
 Precision = Literal["fp32", "fp16"]
+PreprocessMode = Literal["exact", "fast"]
 CudaGraphMode = Literal["auto", "on", "off"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
@@ -33,6 +34,10 @@ class Settings(BaseSettings):
     trt_fp16: bool = Field(True, description="TensorRT: build FP16 engines")
     trt_cache_dir: Path = Field(Path("/tmp/dfine-trt-cache"),
                                 description="TensorRT engine and timing cache")
+    preprocess: PreprocessMode = Field(
+        "exact", description="exact: the official pipeline bit for bit (PIL decode, pixels as "
+        "stored, PIL bilinear resize, /255); fast: OpenCV, large JPEGs decoded at reduced "
+        "scale, EXIF orientation applied")
     precision: Precision = Field(
         "fp32", description="fp16: convert the model at load for the CUDA provider (inputs, "
         "outputs, LayerNorm and the score/box tail stay fp32); TensorRT uses TRT_FP16")
@@ -68,6 +73,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(10.0, gt=0, description="deadline to start a request's batch")
     score_threshold: float = Field(0.5, ge=0, le=1, description="default score threshold")
     max_detections: int = Field(100, ge=1, le=300, description="default detections per image")
+    clip_boxes: bool = Field(
+        True, description="clip boxes to the image by default (query clip=false: the official "
+        "pipeline's unclipped boxes)")
+    dedupe_iou: float = Field(
+        0.0, ge=0, le=1, description="default class-aware duplicate removal: drop a detection "
+        "that a higher-scored one of its class overlaps by this IoU; 0: off, the model's answer")
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body limit")
     max_pixels: int = Field(25_000_000, ge=1, description="decoded width x height limit")
     max_batch_images: int = Field(16, ge=1, description="images in one /detect/batch request")

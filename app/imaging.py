@@ -213,14 +213,10 @@ def _reduction(data: bytes, size: tuple[int, int] | None, min_side: int | None) 
     return 1, cv2.IMREAD_COLOR
 
 
-def decode(data: bytes, max_pixels: int, min_side: int | None = None) -> Decoded:
-    """Bytes -> BGR uint8 image, EXIF orientation applied, and the original size.
-
-    Only JPEG, PNG, GIF, BMP, WebP and TIFF reach the decoder (``check_format``). Grayscale,
-    RGBA (alpha dropped), 16-bit and palette images become 8-bit BGR. The pixel count is
-    checked from the header first, so a decompression bomb is refused before it is decoded.
-    With ``min_side``, a large JPEG is decoded at a reduced scale whose sides stay >= min_side.
-    """
+def check_header(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """Everything that can be refused before a decoder runs: the format (``check_format``),
+    the pixel count and sides the header declares, and PNG chunks running past the end.
+    Returns the header's (width, height) where it was read."""
     if not data:
         raise InvalidImage("the image is empty (zero bytes)")
     check_format(data)
@@ -235,6 +231,18 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None) -> Decoded
         raise InvalidImage("the image header declares a zero width or height")
     if data[:8] == PNG_SIGNATURE and not _png_chunks_fit(data):
         raise InvalidImage("the PNG file is truncated: a chunk runs past its end")
+    return size
+
+
+def decode(data: bytes, max_pixels: int, min_side: int | None = None) -> Decoded:
+    """Bytes -> BGR uint8 image, EXIF orientation applied, and the original size.
+
+    Only JPEG, PNG, GIF, BMP, WebP and TIFF reach the decoder (``check_format``). Grayscale,
+    RGBA (alpha dropped), 16-bit and palette images become 8-bit BGR. The pixel count is
+    checked from the header first, so a decompression bomb is refused before it is decoded.
+    With ``min_side``, a large JPEG is decoded at a reduced scale whose sides stay >= min_side.
+    """
+    size = check_header(data, max_pixels)
     factor, flag = _reduction(data, size, min_side)
     try:
         image = cast(UInt8Image | None, cv2.imdecode(np.frombuffer(data, np.uint8), flag))
@@ -279,8 +287,11 @@ def letterbox_rgb(image_bgr: UInt8Image, width: int, height: int
 
 def to_chw_float(rgb: UInt8Image, mean: tuple[float, float, float] | None = None,
                  std: tuple[float, float, float] | None = None) -> npt.NDArray[np.float32]:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1], then (x - mean) / std when given."""
-    chw = rgb.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1], then (x - mean) / std when given.
+
+    Divided by 255, not multiplied by 1/255: torchvision's ToTensor divides, and the two
+    differ in the last bit for some values."""
+    chw = rgb.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
     if mean is not None and std is not None:
         chw -= np.asarray(mean, np.float32)[:, None, None]
         chw /= np.asarray(std, np.float32)[:, None, None]

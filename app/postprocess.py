@@ -1,4 +1,5 @@
-"""Per-image postprocessing of the official layout: threshold, class filter, clip, name."""
+"""Per-image postprocessing of the official layout: threshold, class filter, optional
+duplicate removal, clip, name, round."""
 
 from __future__ import annotations
 
@@ -30,25 +31,57 @@ def select(
     max_detections: int,
     class_ids: frozenset[int] | None = None,
     letterbox: Letterbox | None = None,
+    clip: bool = True,
+    dedupe_iou: float = 0.0,
 ) -> list[Detection]:
-    """Detections sorted by score, descending, boxes clipped to the original image.
+    """Detections sorted by score, descending; scores rounded to 5 decimals, coordinates to
+    0.01 pixel.
 
-    The same box may come twice with two labels: top-k runs over queries x classes. That is the
-    model's output, not a duplicate to suppress.
+    ``clip``: boxes clipped to the original image (the official pipeline does not clip).
+    ``dedupe_iou`` > 0: of two detections of the same class whose boxes overlap by at least
+    this IoU, only the higher-scored is kept. Off (0), the answer is the model's: the same box
+    may come twice, with two labels or even with one, since top-k runs over queries x classes.
     """
     keep = scores >= score_threshold
     if class_ids is not None:
         keep &= np.isin(labels, np.fromiter(class_ids, np.int64, len(class_ids)))
     index = np.flatnonzero(keep)
-    index = index[np.argsort(-scores[index], kind="stable")][:max_detections]
+    index = index[np.argsort(-scores[index], kind="stable")]
     picked = boxes[index].astype(np.float64)
     if letterbox is not None:
         picked[:, 0::2] = (picked[:, 0::2] - letterbox.pad_x) / letterbox.scale
         picked[:, 1::2] = (picked[:, 1::2] - letterbox.pad_y) / letterbox.scale
-    picked[:, 0::2] = picked[:, 0::2].clip(0, width)
-    picked[:, 1::2] = picked[:, 1::2].clip(0, height)
+    if dedupe_iou > 0:
+        kept = _dedupe(labels[index], picked, dedupe_iou)
+        index, picked = index[kept], picked[kept]
+    index, picked = index[:max_detections], picked[:max_detections]
+    if clip:
+        picked[:, 0::2] = picked[:, 0::2].clip(0, width)
+        picked[:, 1::2] = picked[:, 1::2].clip(0, height)
+    picked = picked.round(2)
     return [
-        Detection(int(labels[i]), label_name(names, int(labels[i])), float(scores[i]),
+        Detection(int(labels[i]), label_name(names, int(labels[i])), round(float(scores[i]), 5),
                   (float(b[0]), float(b[1]), float(b[2]), float(b[3])))
         for i, b in zip(index, picked)
     ]
+
+
+def _dedupe(labels: npt.NDArray[np.int64], boxes: npt.NDArray[np.float64], iou: float
+            ) -> npt.NDArray[np.intp]:
+    """Indices to keep of detections sorted by score: greedy, per class (NMS within a class).
+    labels (n,), boxes (n, 4) xyxy."""
+    n = len(boxes)
+    if n < 2:
+        return np.arange(n)
+    x1, y1, x2, y2 = boxes.T
+    area = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    inter_w = np.clip(np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1), 0, None)
+    inter_h = np.clip(np.minimum(y2[:, None], y2) - np.maximum(y1[:, None], y1), 0, None)
+    inter = inter_w * inter_h
+    overlap = inter / np.maximum(area[:, None] + area - inter, 1e-9)
+    same = (overlap >= iou) & (labels[:, None] == labels)
+    dropped = np.zeros(n, bool)
+    for k in range(n):  # best first: a kept detection drops the weaker ones it covers
+        if not dropped[k]:
+            dropped[k + 1:] |= same[k, k + 1:]
+    return np.flatnonzero(~dropped)

@@ -19,6 +19,7 @@ from app.batching import DynamicBatcher
 from app.config import Settings
 from app.engine.session import OnnxEngine
 from app.errors import NotReady, Overloaded
+from app.exact import bgr, open_rgb, prepare_exact
 from app.imaging import PreparedImage, decode, prepare
 from app.metrics import Metrics
 from app.postprocess import Detection, select
@@ -33,6 +34,8 @@ class DetectParams:
     score_threshold: float
     max_detections: int
     class_ids: frozenset[int] | None = None
+    clip: bool = True
+    dedupe_iou: float = 0.0  # 0: off
 
 
 @dataclass
@@ -142,17 +145,21 @@ class Detector:
                 waiter.set_result(None)
 
     def prepare(self, data: bytes) -> PreparedImage:
-        """Decode and resize one upload: the model-ready tensor and the original size."""
+        """Decode and resize one upload (PREPROCESS exact or fast): the model-ready tensor and
+        the original size."""
         started = time.perf_counter()
         info = self.engine.info
         norm = info.normalization
-        stretch = info.resize == "stretch"
-        decoded = decode(data, self.settings.max_pixels,
-                         max(info.input_width, info.input_height) if stretch else None)
-        prepared = prepare(decoded.image, info.input_width, info.input_height, info.resize,
-                           None if norm.is_identity else norm.mean,
-                           None if norm.is_identity else norm.std,
-                           (decoded.width, decoded.height) if stretch else None)
+        mean, std = (None, None) if norm.is_identity else (norm.mean, norm.std)
+        if self.settings.preprocess == "exact":
+            prepared = prepare_exact(open_rgb(data, self.settings.max_pixels),
+                                     info.input_width, info.input_height, info.resize, mean, std)
+        else:
+            stretch = info.resize == "stretch"
+            decoded = decode(data, self.settings.max_pixels,
+                             max(info.input_width, info.input_height) if stretch else None)
+            prepared = prepare(decoded.image, info.input_width, info.input_height, info.resize,
+                               mean, std, (decoded.width, decoded.height) if stretch else None)
         self.metrics.preprocess.observe(time.perf_counter() - started)
         return prepared
 
@@ -178,7 +185,7 @@ class Detector:
         detections = select(
             row.labels, row.boxes, row.scores, prepared.width, prepared.height,
             self.engine.info.labels, params.score_threshold, params.max_detections,
-            params.class_ids, prepared.letterbox)
+            params.class_ids, prepared.letterbox, params.clip, params.dedupe_iou)
         finished = time.perf_counter()
         timing = {
             "preprocess": queued - started,
@@ -203,7 +210,10 @@ class Detector:
         """The upload at full resolution with ``result``'s detections drawn, encoded."""
 
         def work() -> bytes:
-            image = decode(data, self.settings.max_pixels).image
+            if self.settings.preprocess == "exact":  # the frame the boxes are in: as stored
+                image = bgr(open_rgb(data, self.settings.max_pixels))
+            else:
+                image = decode(data, self.settings.max_pixels).image
             return encode_image(draw(image, result.detections), fmt)
 
         return await asyncio.get_running_loop().run_in_executor(self._render_pool, work)

@@ -105,6 +105,12 @@ async def detect_params(
         ge=1, le=300, description="keep at most this many detections per image")] = None,
     classes: Annotated[str | None, Query(
         max_length=4096, description="comma list of class names or ids to keep")] = None,
+    clip: Annotated[bool | None, Query(
+        description="clip boxes to the image (default: setting CLIP_BOXES, true); false "
+                    "gives the official pipeline's boxes")] = None,
+    dedupe_iou: Annotated[float | None, Query(
+        ge=0, le=1, description="drop a detection when a higher-scored one of the same class "
+                                "overlaps it by this IoU; 0: off (default: setting)")] = None,
 ) -> DetectParams:
     settings = state.settings
     names = state.detector.engine.info.labels if state.detector else None
@@ -112,6 +118,8 @@ async def detect_params(
         score_threshold=settings.score_threshold if score_threshold is None else score_threshold,
         max_detections=settings.max_detections if max_detections is None else max_detections,
         class_ids=_class_ids(classes, names),
+        clip=settings.clip_boxes if clip is None else clip,
+        dedupe_iou=settings.dedupe_iou if dedupe_iou is None else dedupe_iou,
     )
 
 

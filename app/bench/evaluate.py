@@ -4,6 +4,7 @@
     dfine-serve eval --data data/shapes/val --model models/dfine_n_shapes.onnx --providers cpu
     dfine-serve eval --data val --model m.onnx --providers tensorrt --compare-providers cpu
     dfine-serve eval --data val --model m.onnx --providers cuda --compare-precision fp16
+    dfine-serve eval --data val --model m.onnx --set preprocess=fast --compare-set preprocess=exact
 
 Every image is sent with score_threshold=0 and max_detections=300: AP needs all detections.
 The COCO evaluator (faster-coco-eval) comes with the `[models]` extra.
@@ -17,7 +18,7 @@ import contextlib
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ class Target:
     url: str | None = None
     model: Path | None = None
     providers: str = "auto"
-    precision: str = "fp32"
+    overrides: dict[str, str] = field(default_factory=dict)  # settings, in-process only
 
 
 def load_dataset(data: Path) -> tuple[Path, dict[str, Any]]:
@@ -95,12 +96,13 @@ async def _detect_in_process(target: Target, images: list[tuple[int, bytes]],
                              concurrency: int, bar: ProgressBar
                              ) -> dict[int, list[dict[str, Any]]]:
     settings = Settings(model_path=target.model, providers=target.providers,
-                        precision=target.precision)
+                        **target.overrides)  # type: ignore[arg-type]  # pydantic converts
     engine = await asyncio.to_thread(OnnxEngine.load, settings)
     detector = Detector(engine, settings, Metrics())
     await asyncio.to_thread(detector.warm_up)
     detector.start()
-    params = DetectParams(score_threshold=0.0, max_detections=300)
+    params = DetectParams(score_threshold=0.0, max_detections=300, clip=settings.clip_boxes,
+                          dedupe_iou=settings.dedupe_iou)
     pending = list(reversed(images))
     found: dict[int, list[dict[str, Any]]] = {}
 
@@ -167,6 +169,22 @@ def evaluate(target: Target, data: Path, concurrency: int = 4, limit: int = 0,
             "images_per_s": round(len(images) / elapsed, 2), "data": str(data)}
 
 
+def _settings(pairs: list[str], precision: str | None) -> dict[str, str]:
+    overrides = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+    if len(overrides) != len(pairs):
+        raise SystemExit("--set and --compare-set take SETTING=VALUE")
+    if precision:
+        overrides["precision"] = precision
+    return overrides
+
+
+def _in_process(model: Path, providers: str, overrides: dict[str, str]) -> Target:
+    """A target named by what tells it apart: model, providers, precision, other settings."""
+    name = ":".join([model.name, providers, overrides.get("precision", "fp32"),
+                     *(f"{k}={v}" for k, v in sorted(overrides.items()) if k != "precision")])
+    return Target(name, model=model, providers=providers, overrides=overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfine-serve eval", description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="COCO split folder or JSON file")
@@ -178,10 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-model", type=Path, help="also evaluate this model in-process")
     p.add_argument("--compare-providers",
                    help="also evaluate --model (or --compare-model) with these providers")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=("fp32", "fp16"),
                    help="in-process precision (as the service's --precision)")
     p.add_argument("--compare-precision", choices=("fp32", "fp16"),
                    help="also evaluate --model (or --compare-model) at this precision")
+    p.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                   help="an in-process setting, e.g. preprocess=fast or dedupe_iou=0.7")
+    p.add_argument("--compare-set", action="append", default=[], metavar="SETTING=VALUE",
+                   help="also evaluate --model (or --compare-model) with these settings")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--limit", type=int, default=0, help="only the first N images")
     p.add_argument("--api-key")
@@ -191,25 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    overrides = _settings(args.set, args.precision)
     first = (Target("service", url=args.url) if args.url
-             else Target(f"{args.model.name}:{args.providers}:{args.precision}",
-                         model=args.model, providers=args.providers, precision=args.precision))
+             else _in_process(args.model, args.providers, overrides))
     targets = [first]
     if args.compare_url:
         targets.append(Target("compare-service", url=args.compare_url))
-    elif args.compare_model or args.compare_providers or args.compare_precision:
+    elif (args.compare_model or args.compare_providers or args.compare_precision
+          or args.compare_set):
         model = args.compare_model or args.model
         if model is None:
-            raise SystemExit("--compare-providers and --compare-precision need --model or "
-                             "--compare-model")
-        providers = args.compare_providers or args.providers
-        precision = args.compare_precision or args.precision
-        targets.append(Target(f"{model.name}:{providers}:{precision}", model=model,
-                              providers=providers, precision=precision))
+            raise SystemExit("--compare-providers, --compare-precision and --compare-set need "
+                             "--model or --compare-model")
+        targets.append(_in_process(model, args.compare_providers or args.providers, {
+            **overrides, **_settings(args.compare_set, args.compare_precision)}))
     try:
         rows = [evaluate(t, args.data, args.concurrency, args.limit, args.api_key)
                 for t in targets]
-    except (ServiceError, OSError, RuntimeError) as exc:
+    except (ServiceError, OSError, RuntimeError, ValueError) as exc:
         raise SystemExit(f"dfine-serve eval: error: {exc}") from exc
     report: dict[str, Any] = {"results": rows}
     print("| target | " + " | ".join(METRIC_NAMES) + " | images/s |")

@@ -68,6 +68,15 @@ def test_page_draws_the_apis_boxes_and_filters_on_the_client(
     filtered = page.evaluate("window.dfineDrawn")
     assert all(d["label"] != first_label for d in filtered)
     assert len(filtered) == sum(d["score"] >= 0.5 and d["label"] != first_label for d in api)
+
+    merged_api = httpx.post(f"{server.url}/detect?score_threshold=0.5&dedupe_iou=0.7",
+                            content=path.read_bytes(), headers={"Content-Type": "image/png"},
+                            timeout=30).json()["detections"]
+    page.locator("#classes input").first.check()  # all classes again
+    page.check("#dedupe")  # "merge duplicates" asks the API again, with dedupe_iou
+    page.wait_for_function(f"window.dfineDrawn.length === {len(merged_api)}", timeout=20_000)
+    assert [d["label"] for d in page.evaluate("window.dfineDrawn")] == [
+        d["label"] for d in merged_api]
     page.close()
 
 
@@ -90,6 +99,12 @@ def test_page_fits_a_phone_screen_and_shows_errors(server: Server, browser: Brow
     assert width <= 376, width  # no sideways scrolling
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-page-phone.png"), full_page=True)
+    page.set_input_files("#file", str(bad))  # a failure clears the earlier boxes
+    page.wait_for_function("document.querySelector('#status').className === 'error'",
+                           timeout=20_000)
+    assert page.evaluate("window.dfineDrawn") == []
+    assert page.eval_on_selector("#canvas", "c => c.width") == 0
+    assert page.locator("#detections li").count() == 0
     page.close()
 
 

@@ -1,0 +1,81 @@
+"""PREPROCESS=exact: the official D-FINE pipeline, bit for bit.
+
+``tools/inference/torch_inf.py`` and the COCO evaluation read an image with
+``PIL.Image.open(f).convert("RGB")`` (pixels as stored: EXIF orientation is not applied), resize
+it with ``T.Resize((H, W))`` (PIL's bilinear, antialiased when shrinking), ``T.ToTensor()``
+(divide by 255), and pass the original (width, height). Here the same calls, on the same
+library. The header checks of ``app.imaging`` run first, so no bomb reaches PIL.
+
+``fast`` (app.imaging) decodes with OpenCV (large JPEGs at reduced scale, EXIF applied) and
+resizes with OpenCV: inputs differ from these by up to a few levels of 255.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import cast
+
+import numpy as np
+from PIL import Image
+
+from app.errors import ImageTooLarge, InvalidImage
+from app.imaging import (
+    LETTERBOX_FILL,
+    Letterbox,
+    PreparedImage,
+    UInt8Image,
+    check_header,
+    to_chw_float,
+)
+
+# PIL's own bomb check would warn or raise on sizes the service's MAX_PIXELS already allows or
+# refuses: the service's check is the one that applies.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def open_rgb(data: bytes, max_pixels: int) -> Image.Image:
+    """The upload as PIL decodes it, converted to RGB: ``Image.open(...).convert("RGB")``."""
+    check_header(data, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns about odd metadata; errors still raise
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > max_pixels:  # from the header, not decoded
+                    raise ImageTooLarge(f"the image has {image.width}x{image.height} pixels; "
+                                        f"the limit is {max_pixels} pixels")
+                if image.width == 0 or image.height == 0:
+                    raise InvalidImage("the image has a zero width or height")
+                return image.convert("RGB")
+    except (ImageTooLarge, InvalidImage):
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
+            ZeroDivisionError) as exc:  # how PIL's decoders say "broken"
+        raise InvalidImage() from exc
+
+
+def prepare_exact(rgb: Image.Image, input_width: int, input_height: int,
+                  resize: str = "stretch", mean: tuple[float, float, float] | None = None,
+                  std: tuple[float, float, float] | None = None) -> PreparedImage:
+    """Model-ready pixels from a decoded RGB image, with PIL's bilinear resize."""
+    width, height = rgb.size
+    if resize == "letterbox":
+        scale = min(input_width / width, input_height / height)
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        canvas = Image.new("RGB", (input_width, input_height), (LETTERBOX_FILL,) * 3)
+        pad_x, pad_y = (input_width - new_w) // 2, (input_height - new_h) // 2
+        canvas.paste(rgb.resize((new_w, new_h), Image.Resampling.BILINEAR), (pad_x, pad_y))
+        return PreparedImage(to_chw_float(_array(canvas), mean, std), width, height,
+                             (input_width, input_height), Letterbox(scale, pad_x, pad_y))
+    resized = rgb.resize((input_width, input_height), Image.Resampling.BILINEAR)
+    return PreparedImage(to_chw_float(_array(resized), mean, std), width, height,
+                         (width, height))
+
+
+def bgr(rgb: Image.Image) -> UInt8Image:
+    """(H, W, 3) BGR for OpenCV drawing."""
+    return cast(UInt8Image, np.ascontiguousarray(_array(rgb)[..., ::-1]))
+
+
+def _array(image: Image.Image) -> UInt8Image:
+    return cast(UInt8Image, np.asarray(image, np.uint8))
