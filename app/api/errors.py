@@ -72,7 +72,8 @@ DETECT_ERRORS: dict[int | str, dict[str, Any]] = {
     408: _error("request_timeout: the upload stalled for longer than READ_TIMEOUT_S"),
     413: _error("payload_too_large (upload over the byte limit) or image_too_large "
                 "(decoded pixels over the limit)"),
-    415: _error("unsupported_media_type: neither multipart nor an image body"),
+    415: _error("unsupported_media_type: neither multipart, an image body nor JSON; or an "
+                "image format that is not accepted"),
     422: _error("invalid_request: missing part, bad query values"),
     500: _error("internal: the engine failed; the service stays up"),
     503: _error("overloaded (queue full, with Retry-After) or not_ready (loading, draining)"),

@@ -66,6 +66,10 @@ IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
         "type": "object", "required": ["image"], "properties": {"image": _BINARY}}},
     "image/*": {"schema": _BINARY},
     "application/octet-stream": {"schema": _BINARY},
+    "application/json": {"schema": {
+        "type": "object", "required": ["image"], "properties": {"image": {
+            "type": "string", "contentEncoding": "base64",
+            "description": "the image file in base64 (a data: URL is accepted too)"}}}},
 }}}
 BATCH_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {
@@ -126,8 +130,9 @@ def _json(body: dict[str, Any]) -> Response:
 @router.post("/detect", response_model=DetectResponse, responses=DETECT_ERRORS,
                 openapi_extra=IMAGE_BODY, summary="Detect objects in one image")
 async def detect(request: Request, detector: DetectorDep, params: ParamsDep) -> Response:
-    """One image as multipart part `image`, or as the raw body (`image/*`,
-    `application/octet-stream`). Boxes are in the original image's pixels."""
+    """One image as multipart part `image`, as the raw body (`image/*`,
+    `application/octet-stream`), or as JSON `{"image": "<base64>"}` for clients that can't
+    send multipart. Boxes are in the original image's pixels."""
     # Admitted by the AdmissionGate. No local keeps the upload: once decoded, only its small
     # tensor waits in the queue.
     upload = read_image(request, detector.settings)

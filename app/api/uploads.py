@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from collections.abc import AsyncGenerator
 
+import orjson
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -20,6 +23,7 @@ from app.errors import (
 )
 
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the image bytes
+JSON_OVERHEAD_BYTES = 4 * 1024  # the JSON around the base64 text, a data: URL prefix
 RAW_TYPES = ("image/", "application/octet-stream")
 
 
@@ -87,8 +91,29 @@ async def _multipart_images(request: Request, field: str, limit: int, max_parts:
         await form.close()
 
 
+def _from_json(body: bytes, limit: int) -> bytes:
+    """The image of a ``{"image": "<base64>"}`` body (a data: URL prefix is accepted)."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    text = document.get("image") if isinstance(document, dict) else None
+    if not isinstance(text, str):
+        raise InvalidRequest('send {"image": "<base64 of the image file>"}')
+    if text.startswith("data:") and ";base64," in text[:100]:
+        text = text.split(",", 1)[1]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("image: not valid base64") from None
+    if len(data) > limit:
+        raise PayloadTooLarge(f"the image is {len(data)} bytes; the limit is {limit} bytes")
+    return data
+
+
 async def read_image(request: Request, settings: Settings) -> bytes:
-    """The one image of a /detect request: multipart part ``image``, or the raw body."""
+    """The one image of a /detect request: multipart part ``image``, the raw body, or JSON
+    ``{"image": "<base64>"}`` (the same byte limit applies to the decoded image)."""
     media = _media_type(request)
     limit = settings.max_upload_bytes
     if media == "multipart/form-data":
@@ -99,6 +124,10 @@ async def read_image(request: Request, settings: Settings) -> bytes:
         return images[0]
     if media.startswith(RAW_TYPES):
         return b"".join([chunk async for chunk in _limited(request, limit, settings)])
+    if media == "application/json":
+        encoded_limit = limit * 4 // 3 + JSON_OVERHEAD_BYTES  # base64 is 4 bytes per 3
+        body = b"".join([chunk async for chunk in _limited(request, encoded_limit, settings)])
+        return _from_json(body, limit)
     raise UnsupportedMediaType()
 
 

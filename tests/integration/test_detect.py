@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import cv2
@@ -67,6 +68,19 @@ def test_raw_body_and_multipart_give_the_same_answer(server: Server) -> None:
                        timeout=30).json()
     assert raw["detections"] == multi["detections"] == octet["detections"]
     assert raw["detections"]
+
+
+def test_json_base64_body_gives_the_raw_bodys_answer(server: Server) -> None:
+    data = encode(render_scene(9)[0])
+    raw = httpx.post(f"{server.url}/detect", content=data, timeout=30,
+                     headers={"Content-Type": "image/jpeg"}).json()
+    text = base64.b64encode(data).decode()
+    for image in (text, "data:image/jpeg;base64," + text):
+        answer = httpx.post(f"{server.url}/detect", json={"image": image}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert_same_detections(answer.json()["detections"], raw["detections"])
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    assert "application/json" in schema["paths"]["/detect"]["post"]["requestBody"]["content"]
 
 
 def test_query_parameters_filter_detections(server: Server) -> None:
@@ -143,7 +157,8 @@ def test_model_endpoint_and_openapi_describe_the_service(server: Server) -> None
     assert {"200", "400", "401", "413", "415", "422", "500", "503", "504"} <= set(
         detect["responses"])
     assert set(detect["requestBody"]["content"]) == {"multipart/form-data", "image/*",
-                                                     "application/octet-stream"}
+                                                     "application/octet-stream",
+                                                     "application/json"}
     assert httpx.get(f"{server.url}/docs").status_code == 200
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'dfine_model_info{' in metrics and 'providers="CPUExecutionProvider"' in metrics
