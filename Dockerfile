@@ -28,10 +28,8 @@ FROM base AS deps-gpu
 # TensorRT is off by default: its wheels come from NVIDIA's index at build time. The TensorRT
 # provider of onnxruntime-gpu 1.31 links TensorRT 10 (libnvinfer.so.10), not 11.
 ARG WITH_TENSORRT=false
-# onnx converts the model to fp16 at load (DFINE_PRECISION=fp16); nvidia-ml-py reads the GPU
-# memory each batch bucket costs (/model).
-RUN pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]==1.31.1" onnx==1.23.2 \
-      nvidia-ml-py==13.615.71 \
+# nvidia-ml-py reads the GPU memory each batch bucket costs (/model).
+RUN pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]==1.31.1" nvidia-ml-py==13.615.71 \
  && if [ "$WITH_TENSORRT" = "true" ]; then \
       pip install --no-cache-dir --extra-index-url https://pypi.nvidia.com \
         "tensorrt-cu13-libs>=10,<11"; \

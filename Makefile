@@ -2,17 +2,26 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+SERVE := $(VENV)/.serve
 STAMP := $(VENV)/.installed
 
-.PHONY: install tools run test lint format clean bench fuzz soak
+.PHONY: install serve-install tools run test lint format clean bench fuzz soak
 
-$(STAMP): pyproject.toml
+# What serving needs, and nothing else: no torch, transformers or test tools.
+$(SERVE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU wheel of torch first (it lies on this machine's disk), so nothing pulls a CUDA build.
+	$(PY) -m pip install -q -e '.[cpu]'
+	touch $@
+
+# Everything for the tests and the model tools. The CPU wheel of torch first (it lies on this
+# machine's disk), so nothing pulls a CUDA build.
+$(STAMP): $(SERVE) pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[cpu,models,dev]'
 	touch $@
+
+serve-install: $(SERVE)
 
 install: $(STAMP)
 
@@ -25,7 +34,7 @@ tools:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    prometheus chromium >/dev/null; }
 
-run: $(STAMP)
+run: $(SERVE)
 	$(PY) -m app
 
 lint: $(STAMP)
@@ -42,7 +51,7 @@ fuzz: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m tests.soak --requests 20000
 
-bench: $(STAMP)
+bench: $(SERVE)
 	$(PY) -m app bench --concurrency 1,8,32 --repeat 3 --overload 64 --out build/bench
 
 format: $(STAMP)

@@ -37,24 +37,34 @@ def resolve_labels(metadata: dict[str, str], labels_path: Path | None,
                    num_classes: int | None) -> list[str] | None:
     """Names in priority order: labels file (a setting), ``dfine.labels`` metadata, COCO-80.
 
-    ``num_classes`` is known for raw-head models only; None means "unknown" (official layout).
+    ``num_classes``: what the model's graph says (a raw head's logits, an official export's
+    constant divisor), or None when it does not say. A labels file or metadata of another
+    length is an error, and so are metadata names that disagree with the labels file's count.
     Returns None when nothing names the classes: they are then called by their index.
     """
     if labels_path is not None:
         names = read_labels_file(labels_path)
+        if num_classes is None and "dfine.labels" in metadata:
+            num_classes = len(_metadata_names(metadata))
     elif "dfine.labels" in metadata:
-        try:
-            names = [str(n) for n in json.loads(metadata["dfine.labels"])]
-        except (ValueError, TypeError) as exc:
-            raise ModelLoadError("model metadata dfine.labels is not a JSON list") from exc
+        names = _metadata_names(metadata)
     elif num_classes in (80, None):
         # An official export does not say how many classes it has; COCO is the default.
         return list(COCO_80)
     else:
         return None
     if num_classes is not None and len(names) != num_classes:
-        raise ModelLoadError(f"{len(names)} class names for a model with {num_classes} classes")
+        where = f"labels file {labels_path}" if labels_path else "model metadata dfine.labels"
+        raise ModelLoadError(f"{where} names {len(names)} classes; the model has "
+                             f"{num_classes}")
     return names
+
+
+def _metadata_names(metadata: dict[str, str]) -> list[str]:
+    try:
+        return [str(n) for n in json.loads(metadata["dfine.labels"])]
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError("model metadata dfine.labels is not a JSON list") from exc
 
 
 def label_name(names: list[str] | None, class_id: int) -> str:

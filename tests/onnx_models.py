@@ -38,8 +38,11 @@ def _save(graph: onnx.GraphProto, path: Path, metadata: dict[str, str] | None) -
 
 def official(path: Path, batch: int | str = "N", labels: list[str] | None = None,
              faulty: bool = False, input_size: int = INPUT,
-             metadata: dict[str, str] | None = None) -> Path:
-    """Official layout: images, orig_target_sizes -> labels, boxes, scores (K = 2)."""
+             metadata: dict[str, str] | None = None, num_classes: int | None = None) -> Path:
+    """Official layout: images, orig_target_sizes -> labels, boxes, scores (K = 2).
+
+    ``num_classes``: labels computed as the official postprocessor does,
+    ``index - index // C * C`` with C a constant, so the graph tells its class count."""
     nodes = [
         _const("axes", np.asarray([1, 2, 3], np.int64)),
         helper.make_node("ReduceMean", ["images", "axes"], ["mean"], keepdims=0),  # (N,)
@@ -51,13 +54,21 @@ def official(path: Path, batch: int | str = "N", labels: list[str] | None = None
         helper.make_node("Add", ["zeros_n1", "scores_c"], ["scores"]),
         _const("labels_c", LABELS),
         helper.make_node("Cast", ["zeros_n1"], ["zeros_i"], to=TensorProto.INT64),
-        helper.make_node("Add", ["zeros_i", "labels_c"], ["labels"]),
+        helper.make_node("Add", ["zeros_i", "labels_c"],
+                         ["labels" if num_classes is None else "index"]),
         helper.make_node("Concat", ["orig_target_sizes", "orig_target_sizes"], ["wh2"], axis=1),
         helper.make_node("Cast", ["wh2"], ["wh2f"], to=TensorProto.FLOAT),
         helper.make_node("Unsqueeze", ["wh2f", "one_axis"], ["scale"]),  # (N, 1, 4)
         _const("boxes_c", BOXES),
         helper.make_node("Mul", ["boxes_c", "scale"], ["boxes_raw"]),
     ]
+    if num_classes is not None:
+        nodes += [
+            _const("classes", np.asarray(num_classes, np.int64)),
+            helper.make_node("Div", ["index", "classes"], ["query"]),
+            helper.make_node("Mul", ["query", "classes"], ["rounded"]),
+            helper.make_node("Sub", ["index", "rounded"], ["labels"]),
+        ]
     if faulty:
         # index = width // 1000: 0 or 1 is fine, 2 is out of bounds for a 2-element table.
         nodes += [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -40,3 +41,45 @@ def raw_head_to_official(
     xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
     scale = np.concatenate([sizes_wh, sizes_wh], axis=1).astype(np.float32)[:, None, :]
     return labels, (xyxy * scale).astype(np.float32), scores.astype(np.float32)
+
+
+def official_class_count(path: Path) -> int | None:
+    """The class count of an official export, read from its graph: the official postprocessor
+    computes ``labels = index - index // C * C`` (or ``index % C``) with C a constant. None
+    where C is computed from a shape (other exporters) or the onnx package is not installed.
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return None
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    initializers = {i.name: i for i in graph.initializer}
+
+    def constant(name: str) -> int | None:
+        node = producer.get(name)
+        if node is not None and node.op_type == "Cast":
+            return constant(node.input[0])
+        if node is not None and node.op_type == "Constant" and node.attribute:
+            value = numpy_helper.to_array(node.attribute[0].t)
+        elif name in initializers:
+            value = numpy_helper.to_array(initializers[name])
+        else:
+            return None
+        return int(value.reshape(-1)[0]) if value.size == 1 else None
+
+    node = producer.get("labels")
+    for _ in range(4):  # labels <- (Cast, Reshape...) <- Mod or Sub
+        if node is None or not node.input:
+            return None
+        if node.op_type == "Mod":
+            return constant(node.input[1])
+        if node.op_type == "Sub":  # index - (index // C) * C
+            product = producer.get(node.input[1])
+            if product is None or product.op_type != "Mul":
+                return None
+            found = [c for c in (constant(i) for i in product.input) if c is not None]
+            return found[0] if len(found) == 1 else None
+        node = producer.get(node.input[0])
+    return None

@@ -7,7 +7,6 @@ the graph's outputs (the sigmoid and top-k over queries x classes, the box decod
 scaling to pixels). The tail is cheap elementwise work, and a score that rounds to fp16 can
 change the order of close detections. TensorRT has its own fp16 path (TRT_FP16).
 
-Needs the ``onnx`` package (the ``gpu`` extra installs it).
 """
 
 from __future__ import annotations
@@ -58,8 +57,8 @@ def to_fp16(path: Path) -> bytes:
             convert_float_to_float16,
         )
     except ImportError as exc:
-        raise ModelLoadError("precision fp16 needs the onnx package: pip install "
-                             "'dfine-serve[gpu]'") from exc
+        raise ModelLoadError("precision fp16 needs the onnx package (pip install onnx)"
+                             ) from exc
     model = onnx.load(str(path))
     try:
         converted = convert_float_to_float16(

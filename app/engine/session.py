@@ -30,6 +30,7 @@ from app.engine.layouts import (
     RAW_IMAGE_INPUTS,
     RAW_LOGITS_OUTPUTS,
     Layout,
+    official_class_count,
     raw_head_to_official,
 )
 from app.engine.memory import MemoryKind, memory_used_bytes
@@ -263,7 +264,7 @@ class OnnxEngine:
             width, height = _parse_size(metadata["dfine.input_size"])
         else:
             width = height = DEFAULT_INPUT_SIZE
-        num_classes = None
+        num_classes = official_class_count(path) if layout == "official" else None
         logits_output = next((n for n in RAW_LOGITS_OUTPUTS if n in outputs), "")
         if layout == "raw_head":
             logits = next(o for o in probe.get_outputs() if o.name == logits_output)

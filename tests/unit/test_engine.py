@@ -7,6 +7,7 @@ import onnxruntime as ort
 import pytest
 
 from app.config import Settings
+from app.engine.layouts import official_class_count
 from app.engine.session import OnnxEngine, run_with_binding
 from app.errors import ModelLoadError
 from app.labels import COCO_80
@@ -66,6 +67,22 @@ def test_fixed_batch_model_is_served_in_batches_of_one(tmp_path: Path) -> None:
     assert load(onnx_models.official(tmp_path / "b1.onnx", batch=1),
                 max_batch_size=8).parallel.max_batch_size == 1
     assert engine.run(*batch(1)).labels.shape == (1, 2)
+
+
+def test_a_labels_file_of_another_length_than_the_models_classes_is_a_startup_error(
+        tmp_path: Path) -> None:
+    three = onnx_models.official(tmp_path / "m.onnx", num_classes=3)
+    assert official_class_count(three) == 3
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    with pytest.raises(ModelLoadError, match="names 2 classes; the model has 3"):
+        load(three, labels_path=tmp_path / "two.txt")
+    (tmp_path / "three.txt").write_text("cat\ndog\nbird\n")
+    assert load(three, labels_path=tmp_path / "three.txt").run(*batch(1)).labels[0].tolist() == [
+        1, 0]
+    # Without a constant in the graph, the model's own metadata gives the count.
+    named = onnx_models.official(tmp_path / "n.onnx", labels=["a", "b", "c"])
+    with pytest.raises(ModelLoadError, match="names 2 classes"):
+        load(named, labels_path=tmp_path / "two.txt")
 
 
 def test_dynamic_size_reads_input_size_from_metadata(tmp_path: Path) -> None:
