@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
 from types import FrameType
-from typing import Any, get_args
 
 import uvicorn
 from fastapi import FastAPI
 
 from app.api.deps import AppState
-from app.config import Settings
+from app.config import Settings, SettingsError, settings_from_args
 from app.engine.session import OnnxEngine
 from app.errors import ModelLoadError
 from app.http_protocol import ConnectionLimits, guarded_protocol, raise_open_file_limit
@@ -21,36 +19,6 @@ from app.logs import configure as configure_logging
 from app.main import create_app
 
 log = logging.getLogger("dfine")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dfine-serve",
-        description="Serve a D-FINE ONNX model over HTTP. Every flag has an environment "
-                    "variable DFINE_<NAME>; flags win.")
-    for name, field in Settings.model_fields.items():
-        kwargs: dict[str, Any] = {"dest": name, "default": None,
-                                  "help": f"{field.description} (default: {field.default})"}
-        annotation = field.annotation
-        choices = get_args(annotation) if getattr(annotation, "__origin__", None) is None \
-            and get_args(annotation) and all(isinstance(a, str) for a in get_args(annotation)) \
-            else None
-        if annotation is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif choices:
-            kwargs["choices"] = choices
-        parser.add_argument(_flag(name), **kwargs)
-    return parser
-
-
-def settings_from_args(argv: list[str] | None) -> Settings:
-    args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    return Settings(**overrides)
 
 
 class DrainingServer(uvicorn.Server):
@@ -96,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         settings = settings_from_args(argv)
-    except ValueError as exc:  # pydantic's ValidationError
+    except SettingsError as exc:
         print(f"dfine-serve: error: {exc}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings.log_level, settings.log_format)

@@ -1,11 +1,13 @@
-"""Settings: the one place that reads the environment (``DFINE_*``); the CLI mirrors every field."""
+"""Settings: the one place that reads the environment (``DFINE_*``), and the command-line flags
+that mirror every field (``settings_from_args``), for the service and its tools alike."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.engine.buckets import parse_buckets
@@ -149,3 +151,57 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+class SettingsError(ValueError):
+    """A bad setting, said in one line per problem: its flag, its variable, what is wrong."""
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+TOOLS_EPILOG = """tools:
+  dfine-serve bench ...   load test: the service beside a plain server and its own ceilings
+                          (dfine-serve bench --help)
+  dfine-serve eval ...    COCO AP of a running service or of a model in-process
+                          (dfine-serve eval --help)"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfine-serve", epilog=TOOLS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a D-FINE ONNX model over HTTP. Every flag has an environment "
+                    "variable DFINE_<NAME>; flags win.")
+    for name, field in Settings.model_fields.items():
+        kwargs: dict[str, Any] = {"dest": name, "default": None,
+                                  "help": f"{field.description} (default: {field.default})"}
+        annotation = field.annotation
+        choices = get_args(annotation) if getattr(annotation, "__origin__", None) is None \
+            and get_args(annotation) and all(isinstance(a, str) for a in get_args(annotation)) \
+            else None
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif choices:
+            kwargs["choices"] = choices
+        parser.add_argument(flag_of(name), **kwargs)
+    return parser
+
+
+def settings_from_args(argv: list[str] | None) -> Settings:
+    """Settings from flags over the environment; SettingsError names each bad one."""
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error.get("loc") else ""
+            where = (f"{flag_of(name)} / DFINE_{name.upper()}" if name in Settings.model_fields
+                     else name or "settings")
+            given = f" (got {error['input']!r})" if "input" in error and name else ""
+            message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+            lines.append(f"{where}: {message}{given}")
+        raise SettingsError("\n".join(lines)) from None

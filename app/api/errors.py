@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import Overloaded, ServiceError
+from app.errors import Overloaded, ServiceError, Unauthorized
 from app.metrics import Metrics
 from app.schemas import ErrorResponse
 
@@ -37,8 +37,12 @@ def _validation_message(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def service_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
-        return error_response(exc.status, exc.code, exc.message, metrics, headers)
+        headers = {}
+        if isinstance(exc, Overloaded):
+            headers["Retry-After"] = str(exc.retry_after_s)
+        elif isinstance(exc, Unauthorized):  # RFC 9110: a 401 says which scheme it wants
+            headers["WWW-Authenticate"] = 'Bearer realm="dfine-serve"'
+        return error_response(exc.status, exc.code, exc.message, metrics, headers or None)
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

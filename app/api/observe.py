@@ -68,8 +68,8 @@ class RequestObserver:
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client") or ("-", 0)
                 access_log.info(
-                    "%s %s %d %.1fms", scope["method"], printable(scope["path"]), status,
-                    elapsed * 1000,
+                    "%s %s %d %.1fms id=%s", scope["method"], printable(scope["path"]), status,
+                    elapsed * 1000, request_id.decode(),
                     extra={"request_id": request_id.decode(), "method": scope["method"],
                            "path": scope["path"], "status": status,
                            "latency_ms": round(elapsed * 1000, 2), "client": client[0],

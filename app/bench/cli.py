@@ -33,25 +33,29 @@ from app.bench.images import folder_images, synthetic_jpegs
 from app.bench.load import closed_loop, fetch, open_loop
 from app.bench.plot import write_plot
 from app.bench.stats import RunResult, Sample, metric_value, process_cpu_s, summarize
-from app.config import DEFAULT_MODEL_PATH, Settings
+from app.config import DEFAULT_MODEL_PATH, Settings, settings_from_args
 
 
 class ProgressBar:
-    """Requests done, on one stderr line."""
+    """Work done, on one stderr line: against the time it should take, or with ``total``,
+    against a count of items (``unit``)."""
 
-    def __init__(self, label: str, expected_s: float) -> None:
-        self.label, self.expected_s = label, expected_s
+    def __init__(self, label: str, expected_s: float = 0.0, total: int = 0,
+                 unit: str = "requests") -> None:
+        self.label, self.expected_s, self.total, self.unit = label, expected_s, total, unit
         self.count, self.started, self.shown = 0, time.perf_counter(), 0.0
 
     def __call__(self, n: int) -> None:
         self.count += n
         now = time.perf_counter()
-        if now - self.shown > 0.25:
+        if now - self.shown > 0.25 or self.count == self.total:
             self.shown = now
             elapsed = now - self.started
-            filled = min(20, int(20 * elapsed / self.expected_s))
+            done = self.count / self.total if self.total else elapsed / self.expected_s
+            filled = min(20, int(20 * done))
+            count = f"{self.count}/{self.total}" if self.total else f"{self.count}"
             sys.stderr.write(f"\r{self.label:<28} [{'#' * filled}{'.' * (20 - filled)}] "
-                             f"{self.count} requests, {self.count / max(elapsed, 1e-9):.1f}/s")
+                             f"{count} {self.unit}, {self.count / max(elapsed, 1e-9):.1f}/s")
             sys.stderr.flush()
 
     def close(self) -> None:
@@ -285,8 +289,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings_for(model: Path, service_args: str) -> Settings:
-    from app.cli import settings_from_args  # the service's own flag parser
-
     return settings_from_args(["--model-path", str(model), *shlex.split(service_args)])
 
 

@@ -152,7 +152,7 @@ def evaluate(target: Target, data: Path, concurrency: int = 4, limit: int = 0,
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     category_of = {c["name"]: c["id"] for c in categories}
     sorted_ids = [c["id"] for c in categories]
-    bar = ProgressBar(f"eval {target.name}", expected_s=max(1.0, len(images) / 50))
+    bar = ProgressBar(f"eval {target.name}", total=len(images), unit="images")
     started = time.perf_counter()
     if target.url:
         headers = {"X-API-Key": api_key} if api_key else {}

@@ -60,7 +60,9 @@ def test_cors_is_off_by_default_and_on_for_configured_origins(server: Server,
 def test_open_paths_are_configurable(tmp_path: Path) -> None:
     with run_server(tmp_path, "--api-key", "k", "--open-paths", "/healthz,/readyz") as srv:
         assert httpx.get(f"{srv.url}/healthz").status_code == 200
-        assert httpx.get(f"{srv.url}/metrics").status_code == 401
+        refused = httpx.get(f"{srv.url}/metrics")
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"] == 'Bearer realm="dfine-serve"'
         assert httpx.get(f"{srv.url}/metrics", headers={"X-API-Key": "k"}).status_code == 200
         wrong = httpx.get(f"{srv.url}/model", headers={"X-API-Key": "nope"})
         assert wrong.status_code == 401 and "k" not in wrong.json()["error"]["message"]

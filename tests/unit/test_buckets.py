@@ -13,8 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from app.batching import batch_to_take
-from app.cli import settings_from_args
-from app.config import Settings
+from app.config import Settings, settings_from_args
 from app.engine import session as session_module
 from app.engine.buckets import bucket_for, parse_buckets, resolve_buckets
 from app.engine.session import OnnxEngine, _Bucket, _make_runners, parallelism

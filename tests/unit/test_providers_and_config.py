@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import build_parser, settings_from_args
-from app.config import Settings
+from app.config import Settings, SettingsError, build_parser, settings_from_args
 from app.engine import providers as prov
 from app.errors import ModelLoadError
 
@@ -102,3 +101,27 @@ def test_the_open_file_limit_is_raised_to_hold_the_connections() -> None:
     reachable = 4096 + 256 if hard == resource.RLIM_INFINITY else min(hard, 4096 + 256)
     now = raise_open_file_limit(4096)
     assert now == max(soft, reachable) == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def test_help_lists_the_tools_and_a_bad_setting_names_its_flag_and_variable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    text = build_parser().format_help()
+    assert "dfine-serve bench" in text and "dfine-serve eval" in text
+    with pytest.raises(SettingsError) as error:
+        settings_from_args(["--max-queue", "0", "--providers", "gpu"])
+    lines = str(error.value).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("--max-queue / DFINE_MAX_QUEUE: ") and "'0'" in lines[0]
+    assert lines[1].startswith("--providers / DFINE_PROVIDERS: unknown provider")
+    monkeypatch.setenv("DFINE_PORT", "eighty")
+    with pytest.raises(SettingsError, match=r"^--port / DFINE_PORT: .*'eighty'"):
+        settings_from_args([])
+
+
+def test_the_eval_progress_bar_counts_images(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.bench.cli import ProgressBar
+
+    bar = ProgressBar("eval", total=3, unit="images")
+    for _ in range(3):
+        bar(1)
+    assert "3/3 images" in capsys.readouterr().err
