@@ -109,7 +109,7 @@ def test_help_lists_the_tools_and_a_bad_setting_names_its_flag_and_variable(
     assert "dfine-serve bench" in text and "dfine-serve eval" in text
     with pytest.raises(SettingsError) as error:
         settings_from_args(["--max-queue", "0", "--providers", "gpu"])
-    lines = str(error.value).splitlines()
+    lines = sorted(str(error.value).splitlines())
     assert len(lines) == 2
     assert lines[0].startswith("--max-queue / DFINE_MAX_QUEUE: ") and "'0'" in lines[0]
     assert lines[1].startswith("--providers / DFINE_PROVIDERS: unknown provider")
