@@ -25,14 +25,15 @@ serve-install: $(SERVE)
 
 install: $(STAMP)
 
-# Debian's prometheus (promtool) for the deployment tests and chromium for the web page test
-# (Playwright drives it; it cannot download its own browser here). Needs root, as CI has.
+# Debian's prometheus (promtool) and prometheus-alertmanager (amtool) for the deployment tests,
+# chromium for the web page test (Playwright drives it; it cannot download its own browser
+# here). apt-get needs root, as CI has.
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
-	  && command -v chromium >/dev/null || { \
+	  && command -v amtool >/dev/null && command -v chromium >/dev/null || { \
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus chromium >/dev/null; }
+	    prometheus prometheus-alertmanager chromium >/dev/null; }
 
 run: $(SERVE)
 	$(PY) -m app

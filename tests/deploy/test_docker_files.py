@@ -40,7 +40,7 @@ def test_compose_parses_for_each_profile_with_the_right_services() -> None:
     for profile, detector in (("cpu", "detector-cpu"), ("gpu", "detector-gpu")):
         services = compose_config(profile)["services"]
         assert isinstance(services, dict)
-        assert set(services) == {detector, "prometheus", "grafana"}
+        assert set(services) == {detector, "prometheus", "grafana", "alertmanager"}
         spec = services[detector]
         assert spec["networks"]["default"]["aliases"] == ["detector"]
         assert spec["read_only"] is True and "/tmp" in spec["tmpfs"]
@@ -53,6 +53,46 @@ def test_compose_parses_for_each_profile_with_the_right_services() -> None:
     assert gpu["deploy"]["resources"]["reservations"]["devices"] == [
         {"capabilities": ["gpu"], "driver": "nvidia", "count": 1}]
     assert any(v["target"] == "/cache/trt" and v["type"] == "volume" for v in gpu["volumes"])
+
+
+def test_monitoring_listens_on_this_host_only_and_has_no_default_password() -> None:
+    services = compose_config("cpu")["services"]
+    assert isinstance(services, dict)
+    for name in ("prometheus", "grafana", "alertmanager"):
+        assert [p["host_ip"] for p in services[name]["ports"]] == ["127.0.0.1"], name
+    assert not any("lifecycle" in arg for arg in services["prometheus"]["command"])
+    grafana = services["grafana"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana["environment"]
+    assert grafana["entrypoint"][-1] == "/etc/dfine/grafana-start.sh"
+
+
+def test_grafana_start_makes_keeps_or_takes_the_admin_password(tmp_path: Path) -> None:
+    run = tmp_path / "run.sh"  # stands in for Grafana's own /run.sh: shows what it was given
+    run.write_text('#!/bin/sh\necho "started with $GF_SECURITY_ADMIN_PASSWORD"\n')
+    run.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "GF_PATHS_DATA": str(tmp_path), "GRAFANA_RUN": str(run)}
+
+    def start(**extra: str) -> str:
+        return subprocess.run(["sh", str(ROOT / "docker/grafana/start.sh")], env={**env, **extra},
+                              capture_output=True, text=True, check=True).stdout
+
+    first = start()
+    made = (tmp_path / ".dfine-admin-password").read_text()
+    assert len(made) >= 20 and made != "admin" and f"started with {made}" in first
+    assert made in first.splitlines()[0]  # printed for the operator
+    assert f"started with {made}" in start()  # kept across restarts
+    assert "started with s3cret-given" in start(GRAFANA_ADMIN_PASSWORD="s3cret-given")
+    assert oct((tmp_path / ".dfine-admin-password").stat().st_mode)[-3:] == "600"
+
+
+def test_alertmanager_config_is_valid_and_prometheus_sends_it_the_alerts() -> None:
+    checked = subprocess.run([require("amtool"), "check-config",
+                              str(ROOT / "docker/alertmanager/alertmanager.yml")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS" in checked.stdout and "1 receivers" in checked.stdout
+    config = (ROOT / "docker/prometheus/prometheus.yml").read_text()
+    assert "alertmanager:9093" in config
 
 
 def dockerfile_runtime() -> tuple[dict[str, str], list[str], list[str]]:
