@@ -136,3 +136,17 @@ def test_container_command_env_and_healthcheck_work_outside_docker(tmp_path: Pat
     finally:
         process.terminate()
         assert process.wait(30) == 0
+
+
+def test_make_run_installs_what_serving_needs_and_nothing_else() -> None:
+    import tomllib
+
+    makefile = (ROOT / "Makefile").read_text()
+    run = re.search(r"^run: (.*)$", makefile, re.M).group(1).split()  # type: ignore[union-attr]
+    assert run == ["$(SERVE)"]
+    serve = makefile[makefile.index("$(SERVE): "):].split("\n\n")[0]
+    assert "'.[cpu]'" in serve and "torch" not in serve and "dev" not in serve
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    served = " ".join(project["dependencies"] + project["optional-dependencies"]["cpu"])
+    for heavy in ("torch", "transformers", "pytest", "playwright", "schemathesis"):
+        assert heavy not in served, heavy

@@ -48,3 +48,16 @@ def test_compare_precision_reports_the_fp16_models_ap_change(val_split: Path, tm
     assert [r["target"] for r in report["results"]] == [
         "dfine_n_shapes.onnx:cpu:fp32", "dfine_n_shapes.onnx:cpu:fp16"]
     assert abs(report["difference"]["AP"]) <= 0.005, report["difference"]
+
+
+def test_compare_set_reports_both_preprocessing_modes(val_split: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    main(["eval", "--data", str(val_split), "--model", str(DEFAULT_MODEL), "--providers",
+          "cpu", "--set", "preprocess=fast", "--compare-set", "preprocess=exact", "--limit",
+          "60", "--out", str(out)])
+    report = json.loads(out.read_text())
+    fast, exact = report["results"]
+    assert fast["target"].endswith("preprocess=fast") and exact["target"].endswith(
+        "preprocess=exact")
+    assert fast["images_per_s"] > 0 and exact["images_per_s"] > 0
+    assert abs(report["difference"]["AP"]) <= 0.01  # near each other, not equal

@@ -65,3 +65,29 @@ def test_raw_head_postprocess_matches_the_official_graph_semantics() -> None:
     assert xyxy[0, 0] == pytest.approx([0, 0, 100, 100])
     assert xyxy[0, 1] == pytest.approx([0, 0, 200, 100])
     assert xyxy[0, 2] == pytest.approx(xyxy[0, 0])
+
+
+def test_clip_false_keeps_the_models_boxes_and_values_are_rounded() -> None:
+    labels, boxes, scores = official_output()
+    boxes[0] = [10.123456, 10.987654, 50.004999, 50.5]
+    scores[0] = 0.912345678
+    found = select(labels, boxes, scores, 100, 80, NAMES, 0.5, 100, clip=False)
+    assert found[1].box == (-5.0, -5.0, 30.0, 30.0)  # the official pipeline does not clip
+    assert found[2].box == (90.0, 40.0, 130.0, 90.0)
+    assert found[0].box == (10.12, 10.99, 50.0, 50.5)  # 0.01 pixel
+    assert found[0].score == 0.91235  # 5 decimals
+
+
+def test_dedupe_drops_a_weaker_same_class_box_that_overlaps_and_nothing_else() -> None:
+    labels = np.asarray([0, 0, 1, 0, 0], np.int64)
+    boxes = np.asarray([[10, 10, 50, 50], [11, 11, 51, 51],  # the same object twice
+                        [10, 10, 50, 50],  # the same box, another class: kept
+                        [60, 60, 90, 90],  # elsewhere: kept
+                        [12, 10, 50, 52]], np.float32)  # a third copy
+    scores = np.asarray([0.9, 0.8, 0.7, 0.6, 0.55], np.float32)
+    off = select(labels, boxes, scores, 100, 100, NAMES, 0.5, 100)
+    assert len(off) == 5  # the model's answer, by default
+    on = select(labels, boxes, scores, 100, 100, NAMES, 0.5, 100, dedupe_iou=0.7)
+    assert [(d.class_id, d.score) for d in on] == [(0, 0.9), (1, 0.7), (0, 0.6)]
+    capped = select(labels, boxes, scores, 100, 100, NAMES, 0.5, 2, dedupe_iou=0.7)
+    assert [d.score for d in capped] == [0.9, 0.7]  # max_detections counts what is kept
