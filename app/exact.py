@@ -49,8 +49,9 @@ def open_rgb(data: bytes, max_pixels: int) -> Image.Image:
                 return image.convert("RGB")
     except (ImageTooLarge, InvalidImage):
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
-            ZeroDivisionError) as exc:  # how PIL's decoders say "broken"
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL's decoders say "broken" with many exception types
         raise InvalidImage() from exc
 
 

@@ -1,4 +1,5 @@
-"""atheris fuzzing of the decode path: bytes -> header check -> decode -> preprocess.
+"""atheris fuzzing of the decode paths (exact: PIL; fast: OpenCV): bytes -> header check ->
+decode -> preprocess.
 
 Any exception other than the service's own errors (InvalidImage, ImageTooLarge,
 UnsupportedImageFormat) is a crash.
@@ -13,12 +14,18 @@ import atheris
 
 with atheris.instrument_imports():
     from app.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+    from app.exact import open_rgb, prepare_exact
     from app.imaging import decode, header_size, prepare
 
 
 def one_input(data: bytes) -> None:
     header_size(data)
-    try:
+    try:  # PREPROCESS=exact: PIL
+        exact = prepare_exact(open_rgb(data, max_pixels=4_000_000), 64, 64)
+        assert exact.pixels.shape == (3, 64, 64) and exact.width > 0 and exact.height > 0
+    except (InvalidImage, ImageTooLarge, UnsupportedImageFormat):
+        pass
+    try:  # PREPROCESS=fast: OpenCV
         decoded = decode(data, max_pixels=4_000_000, min_side=64)
     except (InvalidImage, ImageTooLarge, UnsupportedImageFormat):
         return
