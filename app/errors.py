@@ -47,6 +47,10 @@ class UnsupportedImageFormat(ServiceError):
     code, status, message = "unsupported_media_type", 415, "the image format is not accepted"
 
 
+class NotFound(ServiceError):
+    code, status, message = "not_found", 404, "not found"
+
+
 class InvalidRequest(ServiceError):
     code, status, message = "invalid_request", 422, "the request is invalid"
 

@@ -20,6 +20,7 @@ from app.api.head import HeadAsGet
 from app.api.observe import RequestObserver
 from app.api.routes import STATIC, pages, router
 from app.api.security import SecurityHeaders
+from app.api.v2_routes import router as v2_router
 from app.config import Settings
 from app.engine.session import OnnxEngine
 from app.metrics import Metrics
@@ -93,6 +94,7 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
     app.state.dfine = state
     install_error_handlers(app, metrics)
     app.include_router(router)
+    app.include_router(v2_router)
     app.include_router(pages)
     app.mount("/static/swagger", StaticFiles(directory=STATIC / "swagger"), name="swagger")
 

@@ -47,10 +47,7 @@ def select(
         keep &= np.isin(labels, np.fromiter(class_ids, np.int64, len(class_ids)))
     index = np.flatnonzero(keep)
     index = index[np.argsort(-scores[index], kind="stable")]
-    picked = boxes[index].astype(np.float64)
-    if letterbox is not None:
-        picked[:, 0::2] = (picked[:, 0::2] - letterbox.pad_x) / letterbox.scale
-        picked[:, 1::2] = (picked[:, 1::2] - letterbox.pad_y) / letterbox.scale
+    picked = original_boxes(boxes[index], letterbox).astype(np.float64)
     if dedupe_iou > 0:
         kept = _dedupe(labels[index], picked, dedupe_iou)
         index, picked = index[kept], picked[kept]
@@ -64,6 +61,18 @@ def select(
                   (float(b[0]), float(b[1]), float(b[2]), float(b[3])))
         for i, b in zip(index, picked)
     ]
+
+
+def original_boxes(boxes: npt.NDArray[np.float32], letterbox: Letterbox | None
+                   ) -> npt.NDArray[np.float32]:
+    """(k, 4) boxes in original pixels: a letterboxed model's mapped back, others as they are
+    (the official graph scales them by the original size already)."""
+    if letterbox is None:
+        return boxes
+    mapped = boxes.astype(np.float32, copy=True)
+    mapped[:, 0::2] = (mapped[:, 0::2] - letterbox.pad_x) / letterbox.scale
+    mapped[:, 1::2] = (mapped[:, 1::2] - letterbox.pad_y) / letterbox.scale
+    return mapped
 
 
 def _dedupe(labels: npt.NDArray[np.int64], boxes: npt.NDArray[np.float64], iou: float

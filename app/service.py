@@ -22,7 +22,7 @@ from app.errors import NotReady, Overloaded
 from app.exact import bgr, open_rgb, prepare_exact
 from app.imaging import PreparedImage, decode, prepare
 from app.metrics import Metrics
-from app.postprocess import Detection, select
+from app.postprocess import Detection, original_boxes, select
 from app.render import ImageFormat, draw
 from app.render import encode as encode_image
 
@@ -48,6 +48,16 @@ class _Row:
     run_started: float
     run_finished: float
     batch_size: int
+
+
+@dataclass
+class Official:
+    """One image's detections as the official export answers them: labels (k,), boxes (k, 4)
+    xyxy in original pixels, scores (k,), sorted by score."""
+
+    labels: npt.NDArray[np.int64]
+    boxes: npt.NDArray[np.float32]
+    scores: npt.NDArray[np.float32]
 
 
 @dataclass
@@ -195,6 +205,18 @@ class Detector:
         }
         return DetectResult(prepared.width, prepared.height, detections,
                             {k: round(v * 1000, 3) for k, v in timing.items()}, row.batch_size)
+
+    async def infer(self, data: bytes | None = None, prepared: PreparedImage | None = None
+                    ) -> Official:
+        """One image through the engine, answered in the official layout (all its
+        detections, boxes in original pixels, unclipped): from an upload, or from a tensor
+        already preprocessed by the client."""
+        if prepared is None:
+            assert data is not None
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, self.prepare, data)
+        row = await self.batcher.submit(prepared, self.settings.request_timeout_s)
+        return Official(row.labels, original_boxes(row.boxes, prepared.letterbox), row.scores)
 
     def start_render(self) -> None:
         """Take a place for one render (MAX_RENDERS at once), or raise Overloaded; give it back

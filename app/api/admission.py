@@ -25,9 +25,19 @@ from app.errors import Overloaded, ReadTimeout
 from app.service import Detector
 
 DETECT_PATHS = ("/detect", "/detect/batch", "/detect/render")
-_BODY = orjson.dumps({"error": {"code": Overloaded.code, "message": Overloaded.message}})
-_HEADERS = [(b"content-type", b"application/json"), (b"retry-after", b"1"),
-            (b"content-length", str(len(_BODY)).encode())]
+
+def _refusal(body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    return body, [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                  (b"content-length", str(len(body)).encode())]
+
+
+_REFUSAL = _refusal(orjson.dumps({"error": {"code": Overloaded.code,
+                                            "message": Overloaded.message}}))
+_V2_REFUSAL = _refusal(orjson.dumps({"error": Overloaded.message}))  # the protocol's form
+
+
+def _is_infer(path: str) -> bool:
+    return path.startswith("/v2/models/") and path.endswith("/infer")
 
 
 class AdmissionGate:
@@ -41,26 +51,43 @@ class AdmissionGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         detector = self.state.detector
+        path = scope.get("path", "")
         if (scope["type"] != "http" or scope["method"] != "POST"
-                or scope["path"] not in DETECT_PATHS or detector is None
+                or (path not in DETECT_PATHS and not _is_infer(path)) or detector is None
                 or not detector.accepting):
             await self.app(scope, receive, send)  # the routes answer not_ready themselves
             return
-        images = (self.state.settings.max_batch_images if scope["path"] == "/detect/batch"
-                  else 1)
+        images = self._images(scope, path)
         try:
             await detector.acquire(images, self.wait_s)
         except Overloaded:
             self.state.metrics.errors.labels(code=Overloaded.code).inc()
-            await send({"type": "http.response.start", "status": 503, "headers": _HEADERS})
-            await send({"type": "http.response.body", "body": _BODY})
+            body, headers = _V2_REFUSAL if _is_infer(path) else _REFUSAL
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
             return
-        scope.setdefault("state", {})["admitted"] = True
+        scope.setdefault("state", {}).update(admitted=True, places=images)
         upload = _Upload(self, detector, images, receive)
         try:
             await self.app(scope, upload.receive, send)
         finally:
             upload.close()
+
+
+    def _images(self, scope: Scope, path: str) -> int:
+        """Places to hold: one for /detect; the most a batch may hold for /detect/batch; for a
+        v2 inference, as many as its declared body could hold (the route takes more if it
+        turns out to carry more images)."""
+        settings = self.state.settings
+        if path == "/detect/batch":
+            return settings.max_batch_images
+        if not _is_infer(path):
+            return 1
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if not declared.isdigit():
+            return settings.max_batch_images
+        return max(1, min(settings.max_batch_images,
+                          -(-int(declared) // settings.max_upload_bytes)))
 
 
 class _Upload:

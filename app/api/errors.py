@@ -20,10 +20,17 @@ HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 def error_response(status: int, code: str, message: str, metrics: Metrics,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    """The error body: ``{"error": {"code", "message"}}``, or on the Open Inference Protocol's
+    routes (/v2) its own form, ``{"error": "<message>"}``."""
     metrics.errors.labels(code=code).inc()
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
-                        headers=headers)
+    body: dict[str, Any] = ({"error": message} if is_v2(path)
+                            else {"error": {"code": code, "message": message}})
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -35,29 +42,33 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
-    async def service_error(_: Request, exc: Exception) -> JSONResponse:
+    async def service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
         headers = {}
         if isinstance(exc, Overloaded):
             headers["Retry-After"] = str(exc.retry_after_s)
         elif isinstance(exc, Unauthorized):  # RFC 9110: a 401 says which scheme it wants
             headers["WWW-Authenticate"] = 'Bearer realm="dfine-serve"'
-        return error_response(exc.status, exc.code, exc.message, metrics, headers or None)
+        return error_response(exc.status, exc.code, exc.message, metrics, headers or None,
+                              request.url.path)
 
-    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, "invalid_request", _validation_message(exc), metrics)
+        return error_response(422, "invalid_request", _validation_message(exc), metrics,
+                              path=request.url.path)
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         headers = dict(exc.headers) if exc.headers else None
-        return error_response(exc.status_code, code, message, metrics, headers)
+        return error_response(exc.status_code, code, message, metrics, headers,
+                              request.url.path)
 
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)  # the details go to the log only
-        return error_response(500, "internal", "internal error", metrics)
+        return error_response(500, "internal", "internal error", metrics,
+                              path=request.url.path)
 
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)

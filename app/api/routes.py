@@ -78,7 +78,7 @@ BATCH_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
 }}}
 
 
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it if the client disconnects first: a request whose client has
     gone is dropped from the queue before it runs.
 
@@ -136,7 +136,7 @@ async def detect(request: Request, detector: DetectorDep, params: ParamsDep) -> 
     # Admitted by the AdmissionGate. No local keeps the upload: once decoded, only its small
     # tensor waits in the queue.
     upload = read_image(request, detector.settings)
-    result = await _until_disconnect(request, detector.detect(await upload, params))
+    result = await until_disconnect(request, detector.detect(await upload, params))
     request.state.batch_size = result.batch_size  # for the access log
     return _json(_result_body(detector.engine.info.name, result))
 
@@ -156,7 +156,7 @@ async def detect_batch(request: Request, detector: DetectorDep, params: ParamsDe
         except ServiceError as exc:
             return exc
 
-    results = await _until_disconnect(request, asyncio.gather(*(one(d) for d in images)))
+    results = await until_disconnect(request, asyncio.gather(*(one(d) for d in images)))
     name = detector.engine.info.name
     body = []
     for index, result in enumerate(results):
@@ -181,7 +181,7 @@ async def detect_render(request: Request, detector: DetectorDep, params: ParamsD
                         ) -> Response:
     """Same input and query as `/detect`; answers a JPEG or PNG with the detections drawn."""
     data = await read_image(request, detector.settings)
-    result = await _until_disconnect(request, detector.detect(data, params))
+    result = await until_disconnect(request, detector.detect(data, params))
     request.state.batch_size = result.batch_size
     fmt = negotiate(format, request.headers.get("accept", ""))
     detector.start_render()  # MAX_RENDERS: held until the image is sent or its client dropped

@@ -142,3 +142,8 @@ async def read_images(request: Request, settings: Settings) -> list[bytes]:
     if len(images) > max_images:
         raise InvalidRequest(f"at most {max_images} images per batch request")
     return images
+
+
+async def read_body(request: Request, settings: Settings, limit: int) -> bytes:
+    """A whole body of at most ``limit`` bytes, under the same deadlines as an upload."""
+    return b"".join([chunk async for chunk in _limited(request, limit, settings)])

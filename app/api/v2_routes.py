@@ -1,0 +1,167 @@
+"""The Open Inference Protocol (KServe v2 / Triton) over HTTP, beside the service's own API:
+the same detector, batcher, limits, API key and metrics. Errors take the protocol's form,
+``{"error": "<message>"}`` (app.api.errors).
+
+Inputs: BYTES, the encoded image files (what Triton ensemble and DALI clients send), shape [N]
+or [N, 1]; or FP32 ``images`` [N, 3, H, W] already preprocessed as the official pipeline does,
+with INT64 ``orig_target_sizes`` [N, 2] (width, height; default: the input size). Outputs, in the
+official export's layout: ``labels`` INT64 [N, K], ``boxes`` FP32 [N, K, 4] (original pixels,
+unclipped), ``scores`` FP32 [N, K], and ``names`` BYTES [N, K], the labels' class names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Request, Response
+
+from app.api.deps import DetectorDep, StateDep, require_api_key
+from app.api.routes import until_disconnect
+from app.api.uploads import MULTIPART_OVERHEAD_BYTES, read_body
+from app.api.v2_codec import InferRequest, output, parse_request
+from app.errors import InvalidRequest, NotFound
+from app.imaging import PreparedImage
+from app.labels import label_name
+from app.service import Detector, Official
+
+router = APIRouter(prefix="/v2", dependencies=[Depends(require_api_key)],
+                   tags=["Open Inference Protocol (KServe v2)"])
+VERSION = "1"
+OUTPUTS = ("labels", "boxes", "scores", "names")
+
+
+def _json(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _model(name: str, detector: Detector) -> None:
+    if name != detector.engine.info.name:
+        raise NotFound(f"unknown model {name!r}; this server serves "
+                       f"{detector.engine.info.name!r}")
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> Response:
+    return _json({"name": "dfine-serve", "version": "0.1.0",
+                  "extensions": ["binary_tensor_data"]})
+
+
+@router.get("/health/live", summary="Server liveness (200 while the process runs)")
+async def live() -> Response:
+    return Response(status_code=200)
+
+
+@router.get("/health/ready", summary="Server readiness (200 when ready, 400 otherwise)")
+async def ready(state: StateDep) -> Response:
+    return Response(status_code=200 if state.ready else 400)
+
+
+@router.get("/models/{name}", summary="Model metadata")
+async def model_metadata(name: str, detector: DetectorDep) -> Response:
+    _model(name, detector)
+    info = detector.engine.info
+    return _json({
+        "name": info.name, "versions": [VERSION], "platform": "onnxruntime_onnx",
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [-1]},
+            {"name": "images", "datatype": "FP32",
+             "shape": [-1, 3, info.input_height, info.input_width]},
+            {"name": "orig_target_sizes", "datatype": "INT64", "shape": [-1, 2]},
+        ],
+        "outputs": [
+            {"name": "labels", "datatype": "INT64", "shape": [-1, -1]},
+            {"name": "boxes", "datatype": "FP32", "shape": [-1, -1, 4]},
+            {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "names", "datatype": "BYTES", "shape": [-1, -1]},
+        ],
+    })
+
+
+@router.get("/models/{name}/ready", summary="Model readiness (200 when ready, 400 otherwise)")
+async def model_ready(name: str, state: StateDep) -> Response:
+    detector = state.detector
+    if detector is not None:
+        _model(name, detector)
+    return Response(status_code=200 if state.ready else 400)
+
+
+@router.post("/models/{name}/infer", summary="Inference")
+async def infer(name: str, request: Request, detector: DetectorDep) -> Response:
+    _model(name, detector)
+    settings = detector.settings
+    header = request.headers.get("inference-header-content-length")
+    if header is not None and not header.isdigit():
+        raise InvalidRequest("Inference-Header-Content-Length must be a number")
+    limit = settings.max_batch_images * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    parsed = parse_request(await read_body(request, settings, limit),
+                           int(header) if header is not None else None)
+    work = _work(parsed, detector)
+    # The admission gate held places for what the body's size suggested: take the rest now.
+    extra = len(work) - request.scope.get("state", {}).get("places", len(work))
+    if extra > 0:
+        await detector.acquire(extra, 0)
+    try:
+        results = await until_disconnect(request, asyncio.gather(*(job() for job in work)))
+    finally:
+        if extra > 0:
+            detector.release(extra)
+    return _json({"model_name": name, "model_version": VERSION,
+                  **({"id": parsed.id} if parsed.id is not None else {}),
+                  "outputs": _outputs(results, parsed.outputs, detector)})
+
+
+def _work(parsed: InferRequest, detector: Detector
+          ) -> list[Callable[[], Coroutine[Any, Any, Official]]]:
+    """One engine submission per image (started later), from encoded files or from
+    preprocessed tensors."""
+    limit = detector.settings.max_batch_images
+    files = [t for t in parsed.inputs.values() if t.datatype == "BYTES"]
+    if files:
+        images = files[0].value
+        assert isinstance(images, list)
+        if not 0 < len(images) <= limit:
+            raise InvalidRequest(f"send 1 to {limit} images; got {len(images)}")
+        return [functools.partial(detector.infer, data=data) for data in images]
+    tensor = parsed.inputs.get("images")
+    info = detector.engine.info
+    if tensor is None or tensor.datatype != "FP32":
+        raise InvalidRequest("send the images as a BYTES input, or as FP32 'images'")
+    pixels = np.asarray(tensor.value, np.float32)
+    if pixels.ndim != 4 or pixels.shape[1:] != (3, info.input_height, info.input_width):
+        raise InvalidRequest(f"images must be [N, 3, {info.input_height}, {info.input_width}]")
+    if not 0 < len(pixels) <= limit:
+        raise InvalidRequest(f"send 1 to {limit} images; got {len(pixels)}")
+    sizes = parsed.inputs.get("orig_target_sizes")
+    if sizes is None:
+        wh = np.tile([info.input_width, info.input_height], (len(pixels), 1))
+    else:
+        wh = np.asarray(sizes.value, np.int64)
+        if wh.shape != (len(pixels), 2) or (wh <= 0).any():
+            raise InvalidRequest("orig_target_sizes must be [N, 2] positive (width, height)")
+    return [functools.partial(detector.infer, prepared=PreparedImage(
+        np.ascontiguousarray(p), int(w), int(h), (int(w), int(h))))
+        for p, (w, h) in zip(pixels, wh)]
+
+
+def _outputs(results: list[Official], wanted: list[str] | None, detector: Detector
+             ) -> list[dict[str, Any]]:
+    unknown = set(wanted or ()) - set(OUTPUTS)
+    if unknown:
+        raise InvalidRequest(f"unknown output(s) {sorted(unknown)}; outputs: {list(OUTPUTS)}")
+    labels = np.stack([r.labels for r in results])
+    names = detector.engine.info.labels
+    made = {
+        "labels": lambda: output("labels", labels.astype(np.int64), "INT64"),
+        "boxes": lambda: output("boxes", np.stack([r.boxes for r in results]).astype(
+            np.float32), "FP32"),
+        "scores": lambda: output("scores", np.stack([r.scores for r in results]).astype(
+            np.float32), "FP32"),
+        "names": lambda: output("names", [[label_name(names, int(v)) for v in row]
+                                          for row in labels], "BYTES"),
+    }
+    return [made[name]() for name in (wanted or OUTPUTS)]
