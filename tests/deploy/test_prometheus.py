@@ -3,13 +3,19 @@ Prometheus scraping a real server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
+import yaml
 
 from tests.deploy.conftest import require
 from tests.helpers import ROOT, Server, encode, free_port, render_scene
@@ -57,9 +63,14 @@ def test_promtool_accepts_the_live_exposition(live: Server) -> None:
     promtool("check", "metrics", stdin=text)
 
 
-def test_real_prometheus_scrapes_requests_and_latency(live: Server, workdir: Path) -> None:
+Query = Callable[[str], list[dict[str, Any]]]
+
+
+@contextlib.contextmanager
+def prometheus(workdir: Path, target: str) -> Iterator[Query]:
+    """A real Prometheus (Debian's) on loopback scraping ``target`` every second; yields a
+    function that runs an instant query through its HTTP API."""
     port = free_port()
-    target = live.url.removeprefix("http://")
     config = workdir / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s}\n"
@@ -70,32 +81,79 @@ def test_real_prometheus_scrapes_requests_and_latency(live: Server, workdir: Pat
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     api = f"http://127.0.0.1:{port}/api/v1/query"
 
-    def query(expr: str) -> list[dict[str, object]]:
+    def query(expr: str) -> list[dict[str, Any]]:
         response = httpx.get(api, params={"query": expr}, timeout=5).json()
-        result: list[dict[str, object]] = response["data"]["result"]
+        result: list[dict[str, Any]] = response["data"]["result"]
         return result
 
     try:
+        yield query
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def wait_for(query: Query, expr: str, done: Callable[[float], bool], timeout_s: float = 60
+             ) -> float:
+    """The value of ``expr`` once ``done`` accepts it (targets are applied on a 5 s tick)."""
+    deadline = time.monotonic() + timeout_s
+    value = 0.0
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError, KeyError, IndexError):
+            rows = query(expr)
+            value = float(rows[0]["value"][1]) if rows else 0.0
+            if done(value):
+                return value
+        time.sleep(0.5)
+    raise AssertionError(f"{expr} stayed at {value}")
+
+
+def test_real_prometheus_scrapes_requests_and_latency(live: Server, workdir: Path) -> None:
+    with prometheus(workdir, live.url.removeprefix("http://")) as query:
         image = encode(render_scene(2)[0])
         for _ in range(10):
             assert httpx.post(f"{live.url}/detect", content=image, timeout=30,
                               headers={"Content-Type": "image/jpeg"}).status_code == 200
-        deadline = time.monotonic() + 60
-        count: float = 0
-        while time.monotonic() < deadline:
-            try:
-                rows = query('dfine_requests_total{endpoint="/detect",status="200"}')
-                count = float(rows[0]["value"][1]) if rows else 0  # type: ignore[index]
-            except (httpx.HTTPError, KeyError):
-                pass
-            if count >= 10:
-                break
-            time.sleep(0.5)
+        count = wait_for(query, 'dfine_requests_total{endpoint="/detect",status="200"}',
+                         lambda v: v >= 10)
         assert count >= 10
         p50 = query('histogram_quantile(0.5, sum by (le) '
                     '(dfine_request_duration_seconds_bucket{endpoint="/detect"}))')
-        value = float(p50[0]["value"][1])  # type: ignore[index]
+        value = float(p50[0]["value"][1])
         assert 0 < value < 10
-    finally:
-        process.terminate()
-        process.wait(10)
+
+
+def test_the_autoscaling_query_measures_the_queue_under_load(live: Server,
+                                                            workdir: Path) -> None:
+    """The prometheus-adapter rule of deploy/k8s, evaluated as the adapter would (its
+    templates filled in for this scrape), against the live service while 24 clients keep its
+    queue full: it gives the mean of the queue depth's samples of the last minute."""
+    rule = yaml.safe_load(yaml.safe_load((ROOT / "deploy/k8s/base/prometheus-adapter-rules.yaml")
+                                         .read_text())["data"]["config.yaml"])["rules"][0]
+    expr = (rule["metricsQuery"].replace("<<.Series>>", "dfine_queue_depth")
+            .replace("<<.LabelMatchers>>", 'job="dfine"'))
+    image = encode(render_scene(3)[0])
+    with prometheus(workdir, live.url.removeprefix("http://")) as query:
+        wait_for(query, 'up{job="dfine"}', lambda v: v == 1)
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(timeout=30) as http:
+                while not stop.is_set():
+                    http.post(f"{live.url}/detect", content=image,
+                              headers={"Content-Type": "image/jpeg"})
+
+        threads = [threading.Thread(target=client) for _ in range(24)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(8)  # several scrapes of a full queue
+            value = wait_for(query, expr, lambda v: v > 0)
+            samples = query('dfine_queue_depth{job="dfine"}[1m]')[0]["values"]
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+    mean = sum(float(v) for _, v in samples) / len(samples)
+    assert value == pytest.approx(mean, rel=0.2)  # the samples of the query's own moment
+    assert 2 <= max(float(v) for _, v in samples) <= 32  # a queue (MAX_QUEUE 32) under load
