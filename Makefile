@@ -26,14 +26,16 @@ serve-install: $(SERVE)
 install: $(STAMP)
 
 # Debian's prometheus (promtool) and prometheus-alertmanager (amtool) for the deployment tests,
-# chromium for the web page test (Playwright drives it; it cannot download its own browser
-# here). apt-get needs root, as CI has.
+# nginx as the load balancer of the scaling-out test, chromium for the web page test
+# (Playwright drives it; it cannot download its own browser here). apt-get needs root, as CI
+# has.
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
-	  && command -v amtool >/dev/null && command -v chromium >/dev/null || { \
+	  && command -v amtool >/dev/null && command -v chromium >/dev/null \
+	  && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || { \
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus prometheus-alertmanager chromium >/dev/null; }
+	    prometheus prometheus-alertmanager nginx chromium >/dev/null; }
 
 run: $(SERVE)
 	$(PY) -m app

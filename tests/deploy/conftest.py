@@ -14,7 +14,8 @@ from tests.helpers import Server, run_server
 def require(tool: str) -> str:
     """The path of a tool that ``make test`` installs; a missing one fails, never skips."""
     # The venv's own bin first: make test runs its python without activating the venv.
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", ""),
+                              "/usr/sbin"])  # nginx lies there, outside some users' PATH
     path = shutil.which(tool, path=search)
     if path is None:
         pytest.fail(f"{tool} is not installed: run `make test`, which installs it")
