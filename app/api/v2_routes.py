@@ -35,6 +35,39 @@ VERSION = "1"
 OUTPUTS = ("labels", "boxes", "scores", "names")
 
 
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
+
+
+Responses = dict[int | str, dict[str, Any]]
+AUTH: Responses = {401: _error("the API key is missing or wrong")}
+MODEL_ERRORS: Responses = {
+    **AUTH, 404: _error("no model of that name"), 503: _error("not ready")}
+INFER_ERRORS: Responses = {
+    **MODEL_ERRORS,
+    400: _error("an image that does not decode"),
+    408: _error("the upload was too slow"),
+    413: _error("the body or an image is over its limit"),
+    415: _error("an image format that is not accepted"),
+    422: _error("a request that does not follow the protocol"),
+    500: _error("the engine failed"), 504: _error("the deadline passed before the run")}
+EMPTY: dict[str, Any] = {"description": "true", "content": {}}
+NOT_READY: Responses = {400: {"description": "false (the protocol's 4xx)", "content": {}}}
+_TENSOR = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+    "name": {"type": "string"}, "datatype": {"type": "string"},
+    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "data": {"type": "array"}, "parameters": {"type": "object"}}}
+INFER_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": _TENSOR},
+        "outputs": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}}}}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "description": "the binary tensor data extension"}}}}
+
+
 def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
@@ -45,23 +78,25 @@ def _model(name: str, detector: Detector) -> None:
                        f"{detector.engine.info.name!r}")
 
 
-@router.get("", summary="Server metadata")
+@router.get("", summary="Server metadata", responses=AUTH)
 async def server_metadata() -> Response:
     return _json({"name": "dfine-serve", "version": "0.1.0",
                   "extensions": ["binary_tensor_data"]})
 
 
-@router.get("/health/live", summary="Server liveness (200 while the process runs)")
+@router.get("/health/live", summary="Server liveness (200 while the process runs)",
+            response_class=Response, responses={200: EMPTY, **AUTH})
 async def live() -> Response:
     return Response(status_code=200)
 
 
-@router.get("/health/ready", summary="Server readiness (200 when ready, 400 otherwise)")
+@router.get("/health/ready", summary="Server readiness (200 when ready, 400 otherwise)",
+            response_class=Response, responses={200: EMPTY, **NOT_READY, **AUTH})
 async def ready(state: StateDep) -> Response:
     return Response(status_code=200 if state.ready else 400)
 
 
-@router.get("/models/{name}", summary="Model metadata")
+@router.get("/models/{name}", summary="Model metadata", responses=MODEL_ERRORS)
 async def model_metadata(name: str, detector: DetectorDep) -> Response:
     _model(name, detector)
     info = detector.engine.info
@@ -82,7 +117,9 @@ async def model_metadata(name: str, detector: DetectorDep) -> Response:
     })
 
 
-@router.get("/models/{name}/ready", summary="Model readiness (200 when ready, 400 otherwise)")
+@router.get("/models/{name}/ready", summary="Model readiness (200 when ready, 400 otherwise)",
+            response_class=Response,
+            responses={200: EMPTY, **NOT_READY, **AUTH, 404: MODEL_ERRORS[404]})
 async def model_ready(name: str, state: StateDep) -> Response:
     detector = state.detector
     if detector is not None:
@@ -90,7 +127,8 @@ async def model_ready(name: str, state: StateDep) -> Response:
     return Response(status_code=200 if state.ready else 400)
 
 
-@router.post("/models/{name}/infer", summary="Inference")
+@router.post("/models/{name}/infer", summary="Inference", responses=INFER_ERRORS,
+             openapi_extra=INFER_BODY)
 async def infer(name: str, request: Request, detector: DetectorDep) -> Response:
     _model(name, detector)
     settings = detector.settings
