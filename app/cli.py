@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
 
         evaluate(argv[1:])
         return
+    if argv[:1] == ["quantize"]:  # a model tool: needs the [models] extra's packages
+        from models.quantize import main as quantize
+
+        quantize(argv[1:])
+        return
     try:
         settings = settings_from_args(argv)
     except SettingsError as exc:

@@ -165,7 +165,8 @@ TOOLS_EPILOG = """tools:
   dfine-serve bench ...   load test: the service beside a plain server and its own ceilings
                           (dfine-serve bench --help)
   dfine-serve eval ...    COCO AP of a running service or of a model in-process
-                          (dfine-serve eval --help)"""
+                          (dfine-serve eval --help)
+  dfine-serve quantize .. static INT8 quantization of a model (dfine-serve quantize --help)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
