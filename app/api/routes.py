@@ -115,7 +115,7 @@ def _result_body(model: str, result: DetectResult) -> dict[str, Any]:
         "model": model,
         "image": {"width": result.width, "height": result.height},
         "detections": [
-            {"label": d.label, "class_id": d.class_id, "score": round(d.score, 5),
+            {"label": d.label, "class_id": d.class_id, "score": d.score,  # rounded by select
              "box": {"x1": d.box[0], "y1": d.box[1], "x2": d.box[2], "y2": d.box[3]}}
             for d in result.detections
         ],

@@ -222,20 +222,20 @@ class OnnxEngine:
         self.info = info
         self.parallel = parallel or Parallelism(1, 0, info.fixed_batch or 1)
         self._buckets = {b.size: b for b in buckets or []}
+        self._bucket_sizes = tuple(sorted(self._buckets))
         self._remake = remake  # a bucket's runner again, without a CUDA graph (fallback)
         self._graph_required = graph_required
         self._running = 0
         self._running_lock = threading.Lock()
-        self._outputs = ([*OFFICIAL_OUTPUTS] if info.layout == "official"
-                         else [info.logits_output, RAW_BOXES_OUTPUT])
+        self._outputs = _output_names(info.layout, info.logits_output)
         # Without buckets on a GPU (TensorRT's dynamic profile), IO binding names every output
         # instead of trusting their order and leaves them on the device until copied back.
-        self._bind_device = "cuda" if info.providers[:1] != [prov.CPU] else None
+        self._bind_device = "cuda" if self.on_gpu else None
 
     @property
     def buckets(self) -> tuple[int, ...] | None:
         """The batch sizes runs are padded to; None: any size runs as it is."""
-        return tuple(sorted(self._buckets)) or None
+        return self._bucket_sizes or None
 
     @classmethod
     def load(cls, settings: Settings) -> OnnxEngine:
@@ -304,9 +304,8 @@ class OnnxEngine:
             image_spec = TensorSpec(image_input.name, (1, 3, height, width), np.float32)
             sizes_spec = TensorSpec("orig_target_sizes", (1, 2), np.int64)
             input_specs = [image_spec, sizes_spec] if layout == "official" else [image_spec]
-            output_names = ([*OFFICIAL_OUTPUTS] if layout == "official"
-                            else [logits_output, RAW_BOXES_OUTPUT])
-            output_specs = _output_specs(probe, input_specs, output_names, fixed_batch or 1)
+            output_specs = _output_specs(probe, input_specs,
+                                         _output_names(layout, logits_output), fixed_batch or 1)
             device: Device = "cuda" if on_gpu else "cpu"
             fill = {"orig_target_sizes": np.asarray([width, height], np.int64)}
 
@@ -364,7 +363,7 @@ class OnnxEngine:
         else:
             feeds = {self.info.image_input: images}
         if self._buckets:
-            bucket = self._buckets[bucket_for(n, self.buckets or ())]
+            bucket = self._buckets[bucket_for(n, self._bucket_sizes)]
             runner = bucket.idle.get()  # one per instance: free unless a run hung
             try:
                 named = runner.run(feeds)
@@ -466,6 +465,11 @@ class OnnxEngine:
 
 
 WARM_UP_RUNS = 3
+
+
+def _output_names(layout: Layout, logits_output: str) -> list[str]:
+    """The outputs a run asks for, by name: the official three, or a raw head's two."""
+    return [*OFFICIAL_OUTPUTS] if layout == "official" else [logits_output, RAW_BOXES_OUTPUT]
 
 
 def _mb(value: int | None) -> float | None:
