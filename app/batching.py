@@ -10,13 +10,13 @@ item was queued, or at once when no engine run is in flight: waiting for company
 while the engine is busy anyway, so a lone request on an idle engine never waits. Under load the
 queue fills while runs are in flight, and batches form by themselves. With ``batch_sizes`` (the
 engine's buckets), a batch takes the largest size the queue fills and leaves the rest for the
-next, so that no run is padded while items wait.
+next, so that no run is padded while items wait, until warm-up has timed the buckets: then
+the split that costs least by those timings (BatchPlanner).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import threading
@@ -62,17 +62,46 @@ class NullObserver:
         pass
 
 
-def batch_to_take(available: int, sizes: tuple[int, ...] | None, max_batch_size: int) -> int:
-    """How many of ``available`` queued items the next batch takes.
+class BatchPlanner:
+    """How many of the queued items the next batch takes, given what a run of each batch size
+    costs (the engine's buckets, timed at warm-up).
 
-    With preferred ``sizes`` (the engine's buckets), the largest that the queue fills, so that
-    no run is padded while items wait (the rest start the next batch); fewer than the smallest
-    size are all taken (the engine pads them).
+    The queue is served at the least total cost: with cost(b) the time of a run of bucket b,
+    the cheapest way to serve n items is min over b of cost(b) + cheapest(n - b), a run padded
+    where b > n. The next batch is the largest bucket in that cheapest plan. On a GPU one padded
+    run of 32 can cost less than 16 + 8 + 4 + 2 + 1 (D-FINE-L 640: 80 ms against ~115 ms);
+    without timings every item costs the same, which fills buckets exactly: the largest bucket
+    the queue fills, the rest left for the next batch, fewer than the smallest all taken.
     """
-    count = min(available, max_batch_size)
-    if not sizes or count <= sizes[0]:
-        return count
-    return sizes[bisect.bisect_right(sizes, count) - 1]
+
+    def __init__(self, costs: dict[int, float] | None, max_batch_size: int) -> None:
+        self.max_batch_size = max_batch_size
+        self.costs = dict(costs or {})
+        self._cheapest = [0.0]  # cheapest[n]: least total cost of serving n items
+        self._first = [0]  # first[n]: the batch that cheapest plan starts with
+
+    @classmethod
+    def linear(cls, sizes: tuple[int, ...] | None, max_batch_size: int) -> BatchPlanner:
+        """A planner for ``sizes`` before they are timed: a run costs its size."""
+        return cls({size: float(size) for size in sizes or ()}, max_batch_size)
+
+    def take(self, available: int) -> int:
+        count = min(available, self.max_batch_size) if not self.costs else available
+        if not self.costs or count <= 0:
+            return count
+        while len(self._cheapest) <= count:
+            self._extend()
+        return min(self._first[count], count, self.max_batch_size)
+
+    def _extend(self) -> None:
+        n = len(self._cheapest)
+        best_cost, best_size = float("inf"), 0
+        for size in sorted(self.costs, reverse=True):  # ties go to the larger batch
+            cost = self.costs[size] + self._cheapest[max(0, n - size)]
+            if cost < best_cost - 1e-12:
+                best_cost, best_size = cost, size
+        self._cheapest.append(best_cost)
+        self._first.append(best_size)
 
 
 @dataclass(eq=False)
@@ -111,7 +140,7 @@ class DynamicBatcher(Generic[P, R]):
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.instances = instances
-        self.batch_sizes = batch_sizes
+        self.planner = BatchPlanner.linear(batch_sizes, max_batch_size)
         self.run_timeout_s = run_timeout_s
         self._observer: BatchObserver = observer or NullObserver()
         self._clock = clock
@@ -127,6 +156,11 @@ class DynamicBatcher(Generic[P, R]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._stopping = False
+
+    def use_costs(self, costs: dict[int, float] | None) -> None:
+        """Plan batches by what a run of each size costs (seconds, from the engine's warm-up)."""
+        if costs:
+            self.planner = BatchPlanner(costs, self.max_batch_size)
 
     @property
     def queue_depth(self) -> int:
@@ -252,8 +286,8 @@ class DynamicBatcher(Generic[P, R]):
                     continue
                 item.started = True
                 batch.append(item)
-            for item in reversed(batch[batch_to_take(len(batch), self.batch_sizes,
-                                                     self.max_batch_size):]):
+            take = self.planner.take(len(batch) + len(self._queue))
+            for item in reversed(batch[take:]):
                 item.started = False  # back to the front of the queue, for the next batch
                 self._queue.appendleft(item)
                 del batch[-1]
@@ -331,6 +365,7 @@ class DynamicBatcher(Generic[P, R]):
             if self._clock() >= deadline:
                 return False
             await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # the last run's results, handed over by its thread, land first
         return True
 
     async def stop(self) -> None:

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from app.api.deps import AppState
 from app.config import Settings, SettingsError, settings_from_args
-from app.engine.session import OnnxEngine
+from app.engine.instant import load_engine
 from app.errors import ModelLoadError
 from app.http_protocol import ConnectionLimits, guarded_protocol, raise_open_file_limit
 from app.logs import configure as configure_logging
@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
 
         evaluate(argv[1:])
         return
+    if argv[:1] == ["inspect"]:
+        from app.inspection import main as inspect
+
+        inspect(argv[1:])
+        return
     if argv[:1] == ["quantize"]:  # a model tool: needs the [models] extra's packages
         from models.quantize import main as quantize
 
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     configure_logging(settings.log_level, settings.log_format)
     try:
-        engine = OnnxEngine.load(settings)  # fail fast, before binding the port
+        engine = load_engine(settings)  # fail fast, before binding the port
     except ModelLoadError as exc:
         print(f"dfine-serve: error: {exc}", file=sys.stderr)
         sys.exit(2)

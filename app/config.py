@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     max_renders: int = Field(
         2, ge=1, description="/detect/render requests in flight (decoding, drawing, sending), "
         "at most; more get 503")
+    instant_engine: bool = Field(
+        False, description="benchmarks only: an engine that answers at once with no "
+        "detections, to measure what the front end (HTTP, decode, batching) carries alone")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
     log_level: LogLevel = Field("info", description="log level")
@@ -166,6 +169,8 @@ TOOLS_EPILOG = """tools:
                           (dfine-serve bench --help)
   dfine-serve eval ...    COCO AP of a running service or of a model in-process
                           (dfine-serve eval --help)
+  dfine-serve inspect ... what the engine hands onnxruntime for a bucket, and what it makes
+                          of it (dfine-serve inspect --help)
   dfine-serve quantize .. static INT8 quantization of a model (dfine-serve quantize --help)"""
 
 

@@ -22,7 +22,8 @@ from app.api.routes import STATIC, pages, router
 from app.api.security import SecurityHeaders
 from app.api.v2_routes import router as v2_router
 from app.config import Settings
-from app.engine.session import OnnxEngine
+from app.engine.engine import OnnxEngine
+from app.engine.instant import load_engine
 from app.metrics import Metrics
 from app.service import Detector
 
@@ -34,7 +35,7 @@ async def _load(state: AppState, engine: OnnxEngine | None) -> None:
     settings = state.settings
     try:
         if engine is None:
-            engine = await asyncio.to_thread(OnnxEngine.load, settings)
+            engine = await asyncio.to_thread(load_engine, settings)
         detector = Detector(engine, settings, state.metrics)
         started = time.perf_counter()
         await asyncio.to_thread(detector.warm_up)

@@ -77,13 +77,20 @@ class BatchingInfo(BaseModel):
 class BucketInfo(BaseModel):
     size: int = Field(description="the batch size this bucket's sessions run at")
     sessions: int = Field(description="one per engine instance")
-    cuda_graph: bool
+    cuda_graph: bool = Field(description="its runs replay a captured CUDA graph (checked at "
+                             "warm-up against a plain run)")
+    run_ms: float | None = Field(
+        description="median run at warm-up; the batcher splits its queue by these")
     memory_mb: float | None = Field(
         description="what its sessions cost (GPU memory on a GPU, through NVML; else the "
         "process's resident memory); null where it can't be read")
 
 
 class EngineInfo(BaseModel):
+    providers_asked: list[str] = Field(
+        description="execution providers asked for (PROVIDERS, auto resolved)")
+    providers_running: list[str] = Field(
+        description="those onnxruntime enabled; the plan (buckets, graphs) follows these")
     precision: str = Field(examples=["fp32"])
     instances: int
     intra_op_threads: int
@@ -91,6 +98,7 @@ class EngineInfo(BaseModel):
     memory_kind: str = Field(examples=["gpu"], description="gpu or host: what memory_mb counts")
     buckets: list[BucketInfo] = Field(
         description="empty: one session runs every batch size as it is (the CPU default)")
+    instant: bool = Field(False, description="INSTANT_ENGINE (benchmarks only): no model runs")
 
 
 class ModelResponse(BaseModel):

@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from app.batching import DynamicBatcher
 from app.config import Settings
-from app.engine.session import OnnxEngine
+from app.engine.engine import OnnxEngine
 from app.errors import NotReady, Overloaded
 from app.exact import bgr, open_rgb, prepare_exact
 from app.imaging import PreparedImage, decode, prepare
@@ -118,6 +118,7 @@ class Detector:
 
     def warm_up(self) -> None:
         self.engine.warm_up()
+        self.batcher.use_costs(self.engine.bucket_costs)
 
     async def acquire(self, images: int, wait_s: float) -> None:
         """Hold places for ``images`` images for one request, or raise Overloaded (NotReady when
@@ -175,9 +176,9 @@ class Detector:
 
     def _run_batch(self, items: list[PreparedImage]) -> list[_Row]:
         started = time.perf_counter()
-        # One image (the CPU default) needs no copy into a batch array: a view will do.
-        images = items[0].pixels[None] if len(items) == 1 else np.stack(
-            [item.pixels for item in items])
+        # The images go to the engine as they are: it stacks them straight into a bucket's
+        # input buffer (or, without buckets, into one batch array; one image needs no copy).
+        images = items[0].pixels[None] if len(items) == 1 else [item.pixels for item in items]
         sizes = np.asarray([item.target_size_wh for item in items], np.int64)
         # All cores for this run only if nothing waits: under load, one core a run is faster.
         out = self.engine.run(images, sizes, may_use_all_cores=self.batcher.queue_depth == 0)

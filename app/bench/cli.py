@@ -81,20 +81,26 @@ class Started:
 
 
 @contextlib.contextmanager
-def _server(command: list[str], port: int, ready_path: str, name: str) -> Iterator[Started]:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _server(command: list[str], port: int, ready_path: str, name: str, log_path: Path
+            ) -> Iterator[Started]:
+    """Start a server, its stdout and stderr written to ``log_path`` (a pipe nobody reads
+    would lose its warnings and, once full, block it), and wait until it is ready."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             if process.poll() is not None:
-                error = process.stderr.read().decode(errors="replace") if process.stderr else ""
-                raise RuntimeError(f"{name} exited with {process.returncode}: {error[-2000:]}")
+                error = log_path.read_text(errors="replace")
+                raise RuntimeError(f"{name} exited with {process.returncode} ({log_path}): "
+                                   f"{error[-2000:]}")
             with contextlib.suppress(OSError, RuntimeError):
                 asyncio.run(fetch(url + ready_path))
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} did not become ready")
+                raise TimeoutError(f"{name} did not become ready (its log: {log_path})")
             time.sleep(0.2)
         yield Started(url, process)
     finally:
@@ -227,7 +233,7 @@ def throughput_ratios(results: list[RunResult], engine_best: float | None = None
         if target != "service":
             continue
         entry = {}
-        for other in ("ceiling", "peer"):
+        for other in ("ceiling", "peer", "front-end"):
             if (other, load) in by and by[(other, load)].throughput_rps:
                 entry[f"service/{other}"] = round(
                     service.throughput_rps / by[(other, load)].throughput_rps, 3)
@@ -277,8 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the in-process ceiling (the service's code without HTTP)")
     p.add_argument("--no-engine-ceiling", action="store_true",
                    help="skip the engine ceiling (the engine alone, by batch size)")
+    p.add_argument("--no-single-call", action="store_true",
+                   help="skip the single in-process call (it loads the model once more)")
     p.add_argument("--ceiling-instances", default="1,2",
                    help="engine runs in flight to try for the ceiling; the best counts")
+    p.add_argument("--front-end", action="store_true",
+                   help="also the service with its engine replaced by one that answers at "
+                        "once (--instant-engine): what the front end carries alone")
     p.add_argument("--overload", type=int, default=0, metavar="C",
                    help="also run C clients against a service with --max-queue "
                         "OVERLOAD_QUEUE (e.g. 64)")
@@ -293,7 +304,8 @@ def _settings_for(model: Path, service_args: str) -> Settings:
 
 
 async def _run(args: argparse.Namespace, service: Started, peer: Started | None,
-               bodies: list[bytes], settings: Settings) -> list[RunResult]:
+               front_end: Started | None, bodies: list[bytes], settings: Settings
+               ) -> list[RunResult]:
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
     results: list[RunResult] = []
     instances = [int(v) for v in args.ceiling_instances.split(",") if v]
@@ -305,6 +317,11 @@ async def _run(args: argparse.Namespace, service: Started, peer: Started | None,
             if peer:
                 runs.setdefault("peer", []).append(await _measure_peer(
                     peer.url, bodies, concurrency, args.duration_s, peer.pid))
+            if front_end:
+                measured = await _measure_service(front_end.url, bodies, concurrency,
+                                                  args.duration_s, headers, pid=front_end.pid)
+                measured.target = "front-end"
+                runs.setdefault("front-end", []).append(measured)
             if not args.no_ceiling:
                 runs.setdefault("ceiling", []).append(await _measure_ceiling(
                     settings, bodies, concurrency, args.duration_s, instances))
@@ -330,29 +347,38 @@ def main(argv: list[str] | None = None) -> None:
             port = free_port()
             service = stack.enter_context(_server(
                 [python, "-m", "app", "--model-path", str(args.model), "--port", str(port),
-                 "--log-level", "warning", *shlex.split(args.service_args)],
-                port, "/readyz", "service"))
+                 "--log-level", "info", *shlex.split(args.service_args)],
+                port, "/readyz", "service", args.out / "service.log"))
         peer = None
         if not args.no_peer:
             port = free_port()
             peer = stack.enter_context(_server(
                 [python, "-m", "app.bench.peer", "--model", str(args.model), "--port",
-                 str(port), "--providers", args.peer_providers], port, "/docs", "peer"))
+                 str(port), "--providers", args.peer_providers], port, "/docs", "peer",
+                args.out / "peer.log"))
+        front_end = None
+        if args.front_end:
+            port = free_port()
+            front_end = stack.enter_context(_server(
+                [python, "-m", "app", "--model-path", str(args.model), "--port", str(port),
+                 "--log-level", "info", *shlex.split(args.service_args), "--instant-engine"],
+                port, "/readyz", "front end (instant engine)", args.out / "front-end.log"))
         idle = asyncio.run(_service_metrics(service.url))
         idle_rss_mb = round(metric_value(idle, "process_resident_memory_bytes") / 1e6, 1)
         service_engine = None  # how it runs: buckets, their memory, precision (from /model)
         with contextlib.suppress(OSError, RuntimeError, ValueError, KeyError):
             service_engine = json.loads(asyncio.run(fetch(service.url + "/model")))["engine"]
-        results = asyncio.run(_run(args, service, peer, bodies, settings))
-    single_ms = asyncio.run(single_call_ms(settings, bodies[0]))
+        results = asyncio.run(_run(args, service, peer, front_end, bodies, settings))
+    single_ms = None if args.no_single_call else asyncio.run(single_call_ms(settings, bodies[0]))
     engine = (None if args.no_engine_ceiling
               else engine_ceiling(settings, bodies, args.duration_s))
     if args.overload:
         port = free_port()
         with _server([python, "-m", "app", "--model-path", str(args.model), "--port",
-                      str(port), "--log-level", "warning", "--max-queue",
+                      str(port), "--log-level", "info", "--max-queue",
                       str(args.overload_queue), *shlex.split(args.service_args)],
-                     port, "/readyz", "service (overload)") as overloaded:
+                     port, "/readyz", "service (overload)",
+                     args.out / "service-overload.log") as overloaded:
             result = median_run([asyncio.run(_measure_service(
                 overloaded.url, bodies, args.overload, args.duration_s, {},
                 pid=overloaded.pid)) for _ in range(args.repeat)])
@@ -368,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         "images": {"count": len(bodies), "source": str(args.images or "synthetic"),
                    "size": None if args.images else f"{args.width}x{args.height}"},
         "duration_s": args.duration_s, "repeat": args.repeat,
-        "single_inprocess_call_ms": round(single_ms, 2),
+        "single_inprocess_call_ms": None if single_ms is None else round(single_ms, 2),
         "idle_rss_mb": idle_rss_mb,
         "service_engine": service_engine,
         "engine_ceiling": engine.as_dict() if engine else None,
@@ -379,7 +405,9 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     plot = write_plot(results, args.out / "bench.png")
     print(_table(results))
-    print(f"single in-process call: {single_ms:.1f} ms; idle RSS {idle_rss_mb} MB")
+    if single_ms is not None:
+        print(f"single in-process call: {single_ms:.1f} ms")
+    print(f"idle RSS {idle_rss_mb} MB")
     if engine:
         print(f"engine ceiling (decoded images, images/s by batch): "
               f"{json.dumps(engine.images_per_s)}; best: batch {engine.best_batch}")

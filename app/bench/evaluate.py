@@ -28,7 +28,7 @@ from app.bench.cli import ProgressBar
 from app.bench.images import content_type
 from app.bench.load import Connection, Endpoint
 from app.config import Settings
-from app.engine.session import OnnxEngine
+from app.engine.engine import OnnxEngine
 from app.errors import ServiceError
 from app.metrics import Metrics
 from app.service import Detector, DetectParams

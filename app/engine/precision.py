@@ -1,7 +1,8 @@
 """FP16 at load: the model's float32 weights and compute converted to float16 for the CUDA
 provider, its inputs and outputs kept float32 and the parts that lose accuracy kept float32.
 
-Kept in float32: LayerNormalization (its variance overflows fp16 easily), onnxruntime's default
+Kept in float32: LayerNormalization (its variance overflows fp16 easily), GridSample (the CUDA
+provider has no fp16 kernel for it: it would fall back to the CPU), onnxruntime's default
 block list (TopK among others), and the tail: every node between the last matrix products and
 the graph's outputs (the sigmoid and top-k over queries x classes, the box decoding and the
 scaling to pixels). The tail is cheap elementwise work, and a score that rounds to fp16 can
@@ -20,7 +21,9 @@ from app.errors import ModelLoadError
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"})
 # These read only their input's shape, not its values: the walk does not follow their inputs.
 SHAPE_OPS = frozenset({"Shape", "Size", "ConstantOfShape"})
-KEEP_FP32_OPS = ("LayerNormalization",)
+# LayerNormalization: its variance overflows fp16. GridSample: the CUDA provider registers it
+# for float only, so an fp16 one runs on the CPU, with copies that also rule out CUDA graphs.
+KEEP_FP32_OPS = ("LayerNormalization", "GridSample")
 
 
 def tail_nodes(graph: Any) -> list[str]:

@@ -49,3 +49,21 @@ def test_bench_writes_results_with_ratios_and_a_plot(tmp_path: Path) -> None:
     assert report["single_inprocess_call_ms"] > 0 and report["idle_rss_mb"] > 50
     plot = cv2.imread(str(out / "bench.png"))
     assert plot is not None and plot.shape[1] > 500
+
+
+def test_bench_logs_each_server_and_measures_the_front_end_alone(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    main(["bench", "--concurrency", "4", "--duration-s", "1", "--count", "2", "--no-peer",
+          "--no-ceiling", "--no-engine-ceiling", "--no-single-call", "--front-end",
+          "--out", str(out)])
+    report = json.loads((out / "bench.json").read_text())
+    service, front = (next(r for r in report["results"] if r["target"] == target)
+                      for target in ("service", "front-end"))
+    # Without the model, the front end answers several times faster than the whole service.
+    assert front["throughput_rps"] > 2 * service["throughput_rps"]
+    assert report["single_inprocess_call_ms"] is None
+    assert set(report["ratios"]["c=4"]) == {"service/front-end"}
+    # Each server's log is kept beside the results, not piped away unread.
+    assert "loaded" in (out / "service.log").read_text()
+    front_log = (out / "front-end.log").read_text()
+    assert "warmed up" in front_log and "loaded" not in front_log

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 
 from app.config import Settings
-from app.engine.session import Detections, OnnxEngine
+from app.engine.engine import Detections, OnnxEngine
 from app.main import create_app
 from tests.helpers import DEFAULT_MODEL, encode, render_scene, serve_in_thread
 

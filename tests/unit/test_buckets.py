@@ -12,11 +12,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from app.batching import batch_to_take
+from app.batching import BatchPlanner
 from app.config import Settings, settings_from_args
-from app.engine import session as session_module
 from app.engine.buckets import bucket_for, parse_buckets, resolve_buckets
-from app.engine.session import OnnxEngine, _Bucket, _make_runners, parallelism
+from app.engine.engine import Bucket, OnnxEngine, _make_runners
+from app.engine.sessions import open_session, parallelism
 from app.errors import ModelLoadError
 from app.imaging import prepare
 from tests import onnx_models
@@ -52,11 +52,29 @@ def test_a_batch_runs_in_the_smallest_bucket_that_holds_it() -> None:
         bucket_for(9, buckets)
 
 
-def test_the_batcher_takes_the_largest_bucket_the_queue_fills() -> None:
-    sizes = (1, 2, 4, 8)
-    assert [batch_to_take(n, sizes, 8) for n in range(1, 11)] == [1, 2, 2, 4, 4, 4, 4, 8, 8, 8]
-    assert batch_to_take(3, (4, 8), 8) == 3  # fewer than the smallest: all, padded
-    assert batch_to_take(6, None, 8) == 6
+def test_untimed_buckets_are_filled_exactly_largest_first() -> None:
+    planner = BatchPlanner.linear((1, 2, 4, 8), 8)
+    assert [planner.take(n) for n in range(1, 11)] == [1, 2, 2, 4, 4, 4, 4, 8, 8, 8]
+    assert BatchPlanner.linear((4, 8), 8).take(3) == 3  # fewer than the smallest: all, padded
+    assert BatchPlanner.linear(None, 8).take(6) == 6
+    assert BatchPlanner.linear(None, 8).take(20) == 8
+
+
+def test_timed_buckets_split_the_queue_at_the_least_cost() -> None:
+    # D-FINE-L 640 on an H200 (FACTS.md), the sizes between interpolated: one padded 32
+    # (80 ms) beats 16 + 8 + 4 + 2 + 1 (~120 ms).
+    gpu = {1: 13.0, 2: 15.0, 4: 18.0, 8: 24.6, 16: 45.0, 32: 80.0}
+    planner = BatchPlanner(gpu, 32)
+    assert planner.take(31) == 31  # all of them, in the bucket of 32
+    assert planner.take(32) == 32
+    assert planner.take(40) == 32  # then 8
+    assert planner.take(3) == 3  # padded to 4: cheaper than 2 + 1
+    # Where every image costs the same, padding never pays and buckets are filled exactly.
+    linear = BatchPlanner({1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0}, 8)
+    assert [linear.take(n) for n in (3, 5, 7, 12)] == [2, 4, 4, 8]
+    # A fixed cost per run, as on a GPU at small batches: fewer, larger runs.
+    overhead = BatchPlanner({1: 10.0, 2: 10.5, 4: 11.0, 8: 12.0}, 8)
+    assert [overhead.take(n) for n in (3, 5, 7, 9)] == [3, 5, 7, 8]
 
 
 async def test_batcher_leaves_what_exceeds_a_bucket_for_the_next_batch() -> None:
@@ -144,11 +162,9 @@ class ShapeSpy:
 
 def test_each_bucket_session_only_ever_sees_its_own_shape(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    opened = session_module._open_session
-    monkeypatch.setattr(session_module, "_open_session",
-                        lambda *a, **k: ShapeSpy(opened(*a, **k)))
     engine = OnnxEngine.load(Settings(model_path=DEFAULT_MODEL, providers="cpu",
-                                      batch_buckets="1,2,4", max_batch_size=4, instances=2))
+                                      batch_buckets="1,2,4", max_batch_size=4, instances=2),
+                             factory=lambda *a: ShapeSpy(open_session(*a)))
     engine.warm_up()
     images, sizes = scenes(4)
     for n in (1, 2, 3, 4, 1, 3):
@@ -198,6 +214,9 @@ class CaptureFails:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise RuntimeError("CUDA graph capture failed")
 
+    def close(self) -> None:
+        pass
+
 
 def engine_with_failing_graph(graph_required: bool) -> OnnxEngine:
     engine = OnnxEngine.load(Settings(model_path=DEFAULT_MODEL, providers="cpu",
@@ -205,7 +224,7 @@ def engine_with_failing_graph(graph_required: bool) -> OnnxEngine:
     failing: Any = CaptureFails()
     idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
     idle.put(failing)
-    engine._buckets = {1: _Bucket(1, idle, [failing], cuda_graph=True)}
+    engine._buckets = {1: Bucket(1, idle, [failing], cuda_graph=True)}
     engine._graph_required = graph_required
     return engine
 
@@ -223,7 +242,7 @@ def test_a_bucket_whose_cuda_graph_fails_runs_without_one() -> None:
 def test_sessions_that_refuse_a_cuda_graph_are_made_without_one() -> None:
     made: list[bool] = []
 
-    def make_runner(size: int, cuda_graph: bool) -> Any:
+    def make_runner(size: int, cuda_graph: bool, session: Any = None) -> Any:
         if cuda_graph:
             raise ModelLoadError("all nodes must be on the CUDA provider")
         made.append(cuda_graph)

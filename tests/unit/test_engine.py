@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 
 from app.config import Settings
+from app.engine.engine import OnnxEngine, run_with_binding
 from app.engine.layouts import official_class_count
-from app.engine.session import OnnxEngine, run_with_binding
 from app.errors import ModelLoadError
 from app.labels import COCO_80
 from tests import onnx_models

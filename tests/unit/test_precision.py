@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from app.config import Settings
+from app.engine.engine import OnnxEngine
 from app.engine.precision import tail_nodes, to_fp16
-from app.engine.session import OnnxEngine
 from app.postprocess import select
 from tests.helpers import DEFAULT_MODEL, box_iou
 from tests.unit.test_buckets import scenes
