@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.engine.buckets import parse_buckets
+from app.orientation import OrientationMode
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "dfine_n_shapes.onnx"
 PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
@@ -39,7 +40,10 @@ class Settings(BaseSettings):
     preprocess: PreprocessMode = Field(
         "exact", description="exact: the official pipeline bit for bit (PIL decode, pixels as "
         "stored, PIL bilinear resize, /255); fast: OpenCV, large JPEGs decoded at reduced "
-        "scale, EXIF orientation applied")
+        "scale")
+    orientation: OrientationMode = Field(
+        "exif", description="exif: turn photos as their EXIF orientation says (as viewers do), "
+        "sizes and boxes in that frame; stored: pixels as stored, as the official pipeline")
     precision: Precision = Field(
         "fp32", description="fp16: convert the model at load for the CUDA provider (inputs, "
         "outputs, LayerNorm and the score/box tail stay fp32); TensorRT uses TRT_FP16")

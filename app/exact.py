@@ -1,7 +1,8 @@
 """PREPROCESS=exact: the official D-FINE pipeline, bit for bit.
 
 ``tools/inference/torch_inf.py`` and the COCO evaluation read an image with
-``PIL.Image.open(f).convert("RGB")`` (pixels as stored: EXIF orientation is not applied), resize
+``PIL.Image.open(f).convert("RGB")`` (pixels as stored: EXIF orientation is not applied; the
+service applies it after, unless ORIENTATION=stored: app.orientation), resize
 it with ``T.Resize((H, W))`` (PIL's bilinear, antialiased when shrinking), ``T.ToTensor()``
 (divide by 255), and pass the original (width, height). Here the same calls, on the same
 library. The header checks of ``app.imaging`` run first, so no bomb reaches PIL.
@@ -28,15 +29,20 @@ from app.imaging import (
     check_header,
     to_chw_float,
 )
+from app.orientation import OrientationMode, orient_pil
 
 # PIL's own bomb check would warn or raise on sizes the service's MAX_PIXELS already allows or
 # refuses: the service's check is the one that applies.
 Image.MAX_IMAGE_PIXELS = None
 
 
-def open_rgb(data: bytes, max_pixels: int) -> Image.Image:
-    """The upload as PIL decodes it, converted to RGB: ``Image.open(...).convert("RGB")``."""
-    check_header(data, max_pixels)
+def open_rgb(data: bytes, max_pixels: int, orientation: OrientationMode = "exif"
+             ) -> Image.Image:
+    """The upload as PIL decodes it, converted to RGB: ``Image.open(...).convert("RGB")``, then
+    turned as its EXIF orientation says (``exif``; an image without a turning tag stays
+    bit for bit the official pipeline's) or left as stored (``stored``, the official way)."""
+    header = check_header(data, max_pixels)
+    turn = header.orientation if orientation == "exif" else 1
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns about odd metadata; errors still raise
@@ -46,7 +52,7 @@ def open_rgb(data: bytes, max_pixels: int) -> Image.Image:
                                         f"the limit is {max_pixels} pixels")
                 if image.width == 0 or image.height == 0:
                     raise InvalidImage("the image has a zero width or height")
-                return image.convert("RGB")
+                return orient_pil(image.convert("RGB"), turn)
     except (ImageTooLarge, InvalidImage):
         raise
     except MemoryError:

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+from app.orientation import OrientationMode, orient_array, oriented_size, tiff_orientation
 
 LETTERBOX_FILL = 114  # the grey YOLO-style letterboxing pads with
 
@@ -60,25 +61,65 @@ class PreparedImage:
     letterbox: Letterbox | None = None
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
-            i += 2
-            continue
-        (length,) = struct.unpack(">H", data[i + 2:i + 4])
-        # SOFn markers (not DHT C4, JPG C8, DAC CC) hold height then width.
+# Header walks are Python loops: a file of millions of empty segments or chunks would hold a
+# decode worker for many seconds (PIL's own walk too), so each walk is bounded, far above what
+# encoders write (a JPEG has a dozen segments before its scan, a camera's a few dozen; libpng
+# writes 8 KiB IDAT chunks, 2,048 for a 16 MiB file).
+MAX_JPEG_SEGMENTS = 1000
+MAX_PNG_CHUNKS = 16384
+MAX_WEBP_CHUNKS = 1000
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the header walk found: (width, height) as stored, None where the format's header
+    is not read here (GIF, BMP, TIFF sizes are; see header_size), and the EXIF orientation."""
+
+    size: tuple[int, int] | None
+    orientation: int = 1
+
+
+def _jpeg_header(data: bytes) -> tuple[tuple[int, int] | None, int]:
+    """The frame size and EXIF orientation, found as libjpeg finds them: markers read up to the
+    first scan, bytes that are no marker skipped (libjpeg discards them, so a header hidden
+    after ``FF 00`` garbage is still read), the first frame header the size."""
+    size: tuple[int, int] | None = None
+    orientation = 1
+    i, end, steps = 2, len(data), 0
+    while True:
+        start = data.find(b"\xff", i)
+        if start < 0:
+            break
+        k = start + 1
+        while k < end and data[k] == 0xFF:  # fill bytes
+            k += 1
+        if k >= end:
+            break
+        marker, i = data[k], k + 1
+        steps += 1
+        if steps > MAX_JPEG_SEGMENTS:
+            raise InvalidImage(f"the JPEG header has more than {MAX_JPEG_SEGMENTS} segments")
+        if marker == 0x00 or marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            continue  # FF 00 (no marker), SOI, TEM, RSTn: no length field
+        if marker in (0xDA, 0xD9):  # start of scan, end of image: the header is over
+            break
+        if i + 2 > end:
+            break
+        (length,) = struct.unpack_from(">H", data, i)
+        if length < 2:
+            raise InvalidImage("the JPEG header has a segment of impossible length")
+        body = data[i + 2:i + length]
+        # SOFn markers (not DHT C4, JPG C8, DAC CC) hold precision, height, width.
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack(">HH", data[i + 5:i + 9])
-            return width, height
-        i += 2 + length
-    return None
+            if size is not None:  # libjpeg refuses a second one; PIL would believe it
+                raise InvalidImage("the JPEG has two frame headers")
+            if len(body) >= 5:
+                height, width = struct.unpack_from(">HH", body, 1)
+                size = (width, height)
+        elif marker == 0xE1 and orientation == 1 and body.startswith(b"Exif\x00\x00"):
+            orientation = tiff_orientation(body)
+        i += length
+    return size, orientation
 
 
 def _tiff_size_tags(data: bytes) -> list[tuple[int, int]]:
@@ -138,60 +179,89 @@ _SUPPORTED_SIGNATURES = (PNG_SIGNATURE, b"\xff\xd8", b"GIF87a", b"GIF89a", b"BM"
                          b"II*\x00", b"MM\x00*")
 
 
-def _png_chunks_fit(data: bytes) -> bool:
-    """False when a PNG chunk declares more bytes than the file holds.
-
-    OpenCV 5's PNG reader allocates a chunk's declared length before reading it, so a 50-byte
-    file declaring a 4 GB chunk costs gigabytes of memory; such a file is refused unread.
-    """
-    offset, end = 8, len(data)
+def _png_walk(data: bytes) -> int:
+    """Walk a PNG's chunks: refuse one that declares more bytes than the file holds (OpenCV 5's
+    PNG reader allocates a chunk's declared length before reading it: a 50-byte file declaring
+    4 GB cost gigabytes) and more than MAX_PNG_CHUNKS of them; returns the eXIf orientation."""
+    offset, end, chunks, orientation = 8, len(data), 0, 1
     while offset + 8 <= end:
         length, kind = struct.unpack_from(">I4s", data, offset)
-        offset += 12 + length  # length, type, data, CRC
-        if offset > end:
-            return False
+        if offset + 12 + length > end:  # length, type, data, CRC
+            raise InvalidImage("the PNG file is truncated: a chunk runs past its end")
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise InvalidImage(f"the PNG has more than {MAX_PNG_CHUNKS} chunks")
+        if kind == b"eXIf" and orientation == 1:
+            orientation = tiff_orientation(data[offset + 8:offset + 8 + length])
+        offset += 12 + length
         if kind == b"IEND":
             break
-    return True
+    return orientation
 
 
-def header_size(data: bytes) -> tuple[int, int] | None:
+def _webp_orientation(data: bytes) -> int:
+    """The orientation in an extended WebP's EXIF chunk (a RIFF walk, bounded)."""
+    offset, end = 12, min(len(data), 8 + int.from_bytes(data[4:8], "little"))
+    for _ in range(MAX_WEBP_CHUNKS):
+        if offset + 8 > end:
+            return 1
+        kind, length = data[offset:offset + 4], int.from_bytes(data[offset + 4:offset + 8],
+                                                               "little")
+        if kind == b"EXIF":
+            return tiff_orientation(data[offset + 8:offset + 8 + length])
+        offset += 8 + length + (length & 1)  # chunks are padded to an even length
+    raise InvalidImage(f"the WebP has more than {MAX_WEBP_CHUNKS} chunks")
+
+
+def read_header(data: bytes) -> Header:
     """(width, height) read from the header of PNG, JPEG, GIF, BMP, WebP and TIFF files, without
-    decoding pixels; None when the format is unknown or the header is cut short."""
+    decoding pixels (None when the header is cut short), and the EXIF orientation of JPEG,
+    PNG and WebP files. Raises InvalidImage where a bounded walk refuses the structure."""
     try:
         if data[:8] == PNG_SIGNATURE and len(data) >= 24:
             width, height = struct.unpack(">II", data[16:24])
-            return int(width), int(height)
+            return Header((int(width), int(height)), _png_walk(data))
         if data[:2] == b"\xff\xd8":
-            return _jpeg_size(data)
+            size, orientation = _jpeg_header(data)
+            return Header(size, orientation)
         if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
             width, height = struct.unpack("<HH", data[6:10])
-            return int(width), int(height)
+            return Header((int(width), int(height)))
         if data[:2] == b"BM" and len(data) >= 26:
             width, height = struct.unpack("<ii", data[18:26])
-            return abs(width), abs(height)
+            return Header((abs(width), abs(height)))
         if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
             chunk = data[12:16]
             if chunk == b"VP8 ":
                 width, height = struct.unpack("<HH", data[26:30])
-                return width & 0x3FFF, height & 0x3FFF
+                return Header((width & 0x3FFF, height & 0x3FFF))
             if chunk == b"VP8L":
                 bits = int.from_bytes(data[21:25], "little")
-                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+                return Header(((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1))
             if chunk == b"VP8X":
-                return (int.from_bytes(data[24:27], "little") + 1,
-                        int.from_bytes(data[27:30], "little") + 1)
+                return Header((int.from_bytes(data[24:27], "little") + 1,
+                               int.from_bytes(data[27:30], "little") + 1),
+                              _webp_orientation(data))
         if data[:4] in (b"II*\x00", b"MM\x00*") and len(data) >= 8:
-            return _tiff_size(data)
+            return Header(_tiff_size(data))
     except struct.error:
+        return Header(None)
+    return Header(None)
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """The stored (width, height) from the header, or None (see read_header; also where its
+    walk refuses the structure)."""
+    try:
+        return read_header(data).size
+    except InvalidImage:
         return None
-    return None
 
 
 @dataclass
 class Decoded:
     image: UInt8Image  # (h, w, 3) BGR; smaller than the original when decoded at reduced scale
-    width: int  # the original's size, EXIF orientation applied
+    width: int  # the original's size, in the frame of ``image`` (oriented or as stored)
     height: int
 
 
@@ -213,14 +283,17 @@ def _reduction(data: bytes, size: tuple[int, int] | None, min_side: int | None) 
     return 1, cv2.IMREAD_COLOR
 
 
-def check_header(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+def check_header(data: bytes, max_pixels: int) -> Header:
     """Everything that can be refused before a decoder runs: the format (``check_format``),
-    the pixel count and sides the header declares, and PNG chunks running past the end.
-    Returns the header's (width, height) where it was read."""
+    the structure (bounded walks; a JPEG whose frame header cannot be found), the pixel count
+    and sides the header declares. Returns what the header said."""
     if not data:
         raise InvalidImage("the image is empty (zero bytes)")
     check_format(data)
-    size = header_size(data)
+    header = read_header(data)
+    size = header.size
+    if size is None and data[:2] == b"\xff\xd8":
+        raise InvalidImage("the JPEG has no readable frame header before its image data")
     if size is not None and size[0] * size[1] > max_pixels:
         raise ImageTooLarge(f"the image has {size[0]}x{size[1]} pixels; the limit is "
                             f"{max_pixels} pixels")
@@ -229,32 +302,36 @@ def check_header(data: bytes, max_pixels: int) -> tuple[int, int] | None:
                             f"{MAX_SIDE}")
     if size is not None and (size[0] == 0 or size[1] == 0):
         raise InvalidImage("the image header declares a zero width or height")
-    if data[:8] == PNG_SIGNATURE and not _png_chunks_fit(data):
-        raise InvalidImage("the PNG file is truncated: a chunk runs past its end")
-    return size
+    return header
 
 
-def decode(data: bytes, max_pixels: int, min_side: int | None = None) -> Decoded:
-    """Bytes -> BGR uint8 image, EXIF orientation applied, and the original size.
+def decode(data: bytes, max_pixels: int, min_side: int | None = None,
+           orientation: OrientationMode = "exif") -> Decoded:
+    """Bytes -> BGR uint8 image, EXIF orientation applied (``exif``) or not (``stored``), and
+    the original size in that frame.
 
     Only JPEG, PNG, GIF, BMP, WebP and TIFF reach the decoder (``check_format``). Grayscale,
     RGBA (alpha dropped), 16-bit and palette images become 8-bit BGR. The pixel count is
     checked from the header first, so a decompression bomb is refused before it is decoded.
     With ``min_side``, a large JPEG is decoded at a reduced scale whose sides stay >= min_side.
+    OpenCV's own orientation handling is off: the header walk's orientation is applied, the
+    same in both preprocessing modes.
     """
-    size = check_header(data, max_pixels)
+    header = check_header(data, max_pixels)
+    size = header.size
     factor, flag = _reduction(data, size, min_side)
     try:
-        image = cast(UInt8Image | None, cv2.imdecode(np.frombuffer(data, np.uint8), flag))
+        image = cast(UInt8Image | None, cv2.imdecode(np.frombuffer(data, np.uint8),
+                                                     flag | cv2.IMREAD_IGNORE_ORIENTATION))
     except cv2.error as exc:  # OpenCV's own checks on what a header declares
         raise InvalidImage() from exc
     if image is None or image.size == 0:
         raise InvalidImage()
+    turn = header.orientation if orientation == "exif" else 1
+    image = orient_array(image, turn)
     height, width = image.shape[:2]
     if factor > 1 and size is not None:
-        # The header's size, turned if EXIF orientation swapped the sides.
-        swapped = (width > height) != (size[0] > size[1]) and size[0] != size[1]
-        width, height = (size[1], size[0]) if swapped else size
+        width, height = oriented_size(size[0], size[1], turn)
     if width * height > max_pixels:  # formats whose header we do not read
         raise ImageTooLarge(f"the image has {width}x{height} pixels; the limit is "
                             f"{max_pixels} pixels")

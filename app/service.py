@@ -22,6 +22,7 @@ from app.errors import NotReady, Overloaded
 from app.exact import bgr, open_rgb, prepare_exact
 from app.imaging import PreparedImage, decode, prepare
 from app.metrics import Metrics
+from app.orientation import OrientationMode
 from app.postprocess import Detection, original_boxes, select
 from app.render import ImageFormat, draw
 from app.render import encode as encode_image
@@ -36,6 +37,7 @@ class DetectParams:
     class_ids: frozenset[int] | None = None
     clip: bool = True
     dedupe_iou: float = 0.0  # 0: off
+    orientation: OrientationMode = "exif"
 
 
 @dataclass
@@ -155,20 +157,23 @@ class Detector:
                 self._admitted += 1  # handed over: a newcomer cannot take it first
                 waiter.set_result(None)
 
-    def prepare(self, data: bytes) -> PreparedImage:
-        """Decode and resize one upload (PREPROCESS exact or fast): the model-ready tensor and
-        the original size."""
+    def prepare(self, data: bytes, orientation: OrientationMode | None = None) -> PreparedImage:
+        """Decode and resize one upload (PREPROCESS exact or fast), turned as its EXIF says
+        unless ``orientation`` (default: the setting) is ``stored``: the model-ready tensor and
+        the original size in that frame."""
+        orientation = orientation or self.settings.orientation
         started = time.perf_counter()
         info = self.engine.info
         norm = info.normalization
         mean, std = (None, None) if norm.is_identity else (norm.mean, norm.std)
         if self.settings.preprocess == "exact":
-            prepared = prepare_exact(open_rgb(data, self.settings.max_pixels),
+            prepared = prepare_exact(open_rgb(data, self.settings.max_pixels, orientation),
                                      info.input_width, info.input_height, info.resize, mean, std)
         else:
             stretch = info.resize == "stretch"
             decoded = decode(data, self.settings.max_pixels,
-                             max(info.input_width, info.input_height) if stretch else None)
+                             max(info.input_width, info.input_height) if stretch else None,
+                             orientation)
             prepared = prepare(decoded.image, info.input_width, info.input_height, info.resize,
                                mean, std, (decoded.width, decoded.height) if stretch else None)
         self.metrics.preprocess.observe(time.perf_counter() - started)
@@ -189,7 +194,8 @@ class Detector:
     async def detect(self, data: bytes, params: DetectParams) -> DetectResult:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        prepared = await loop.run_in_executor(self._decode_pool, self.prepare, data)
+        prepared = await loop.run_in_executor(self._decode_pool, self.prepare, data,
+                                              params.orientation)
         del data  # a queued request holds its small tensor only, not its upload
         queued = time.perf_counter()
         row = await self.batcher.submit(prepared, self.settings.request_timeout_s)
@@ -229,14 +235,17 @@ class Detector:
     def end_render(self) -> None:
         self._renders -= 1
 
-    async def render(self, data: bytes, result: DetectResult, fmt: ImageFormat) -> bytes:
-        """The upload at full resolution with ``result``'s detections drawn, encoded."""
+    async def render(self, data: bytes, result: DetectResult, fmt: ImageFormat,
+                     orientation: OrientationMode | None = None) -> bytes:
+        """The upload at full resolution, in the frame its boxes are in (turned as its EXIF
+        says, or as stored), with ``result``'s detections drawn, encoded."""
+        orientation = orientation or self.settings.orientation
 
         def work() -> bytes:
-            if self.settings.preprocess == "exact":  # the frame the boxes are in: as stored
-                image = bgr(open_rgb(data, self.settings.max_pixels))
+            if self.settings.preprocess == "exact":
+                image = bgr(open_rgb(data, self.settings.max_pixels, orientation))
             else:
-                image = decode(data, self.settings.max_pixels).image
+                image = decode(data, self.settings.max_pixels, orientation=orientation).image
             return encode_image(draw(image, result.detections), fmt)
 
         return await asyncio.get_running_loop().run_in_executor(self._render_pool, work)

@@ -15,6 +15,7 @@ from fastapi import Depends, Query, Request
 from app.config import Settings
 from app.errors import InvalidRequest, NotReady, Unauthorized
 from app.metrics import Metrics
+from app.orientation import OrientationMode
 from app.service import Detector, DetectParams
 
 
@@ -111,6 +112,10 @@ async def detect_params(
     dedupe_iou: Annotated[float | None, Query(
         ge=0, le=1, description="drop a detection when a higher-scored one of the same class "
                                 "overlaps it by this IoU; 0: off (default: setting)")] = None,
+    orientation: Annotated[OrientationMode | None, Query(
+        description="exif: turn the photo as its EXIF orientation says, as viewers show it; "
+                    "stored: pixels as stored, as the official pipeline (default: setting "
+                    "ORIENTATION, exif)")] = None,
 ) -> DetectParams:
     settings = state.settings
     names = state.detector.engine.info.labels if state.detector else None
@@ -120,6 +125,7 @@ async def detect_params(
         class_ids=_class_ids(classes, names),
         clip=settings.clip_boxes if clip is None else clip,
         dedupe_iou=settings.dedupe_iou if dedupe_iou is None else dedupe_iou,
+        orientation=orientation or settings.orientation,
     )
 
 

@@ -186,7 +186,7 @@ async def detect_render(request: Request, detector: DetectorDep, params: ParamsD
     fmt = negotiate(format, request.headers.get("accept", ""))
     detector.start_render()  # MAX_RENDERS: held until the image is sent or its client dropped
     try:
-        image = await detector.render(data, result, fmt)
+        image = await detector.render(data, result, fmt, params.orientation)
     except BaseException:
         detector.end_render()
         raise

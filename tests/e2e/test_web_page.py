@@ -4,15 +4,19 @@ phone-sized screen. Screenshots go to build/test-artifacts/."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
 from tests.helpers import ROOT, Server, box_iou, encode, render_scene
+from tests.orientation_images import alike, stored_jpeg, upright_scene
 
 ARTIFACTS = ROOT / "build" / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -124,4 +128,34 @@ def test_api_docs_render_offline_under_their_policy(server: Server, browser: Bro
     page.wait_for_selector("#classes", state="attached", timeout=10_000)
     page.wait_for_load_state("networkidle")
     assert violations == []
+    page.close()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_page_shows_a_turned_photo_upright_with_its_boxes(
+        server: Server, browser: Browser, tmp_path: Path, orientation: int) -> None:
+    """A photo stored turned, tagged to be shown upright: the browser shows it upright, and
+    the boxes the page draws (the API's) are in that frame, over the objects."""
+    upright, truth = upright_scene()
+    path = tmp_path / f"photo-{orientation}.jpg"
+    path.write_bytes(stored_jpeg(orientation))
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+    page.goto(server.url + "/")
+    page.set_input_files("#file", str(path))
+    page.wait_for_function("window.dfineDrawn.length > 0", timeout=20_000)
+    drawn = page.evaluate("window.dfineDrawn")
+    assert page.eval_on_selector("#canvas", "c => [c.width, c.height]") == [
+        upright.shape[1], upright.shape[0]]
+    found = sum(any(d["label"] == label and box_iou(tuple(d["box"].values()), box) >= 0.5
+                    for d in drawn) for label, box in truth)
+    assert found >= 0.8 * len(truth), (found, len(truth))
+    page.fill("#threshold", "1")  # nothing drawn over the photo: compare its pixels
+    page.dispatch_event("#threshold", "input")
+    url = page.eval_on_selector("#canvas", "c => c.toDataURL('image/png')")
+    shown = cv2.imdecode(np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8),
+                         cv2.IMREAD_COLOR)
+    assert alike(shown, upright)
+    if orientation == 6:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-page-orientation-6.png"), full_page=True)
     page.close()

@@ -63,15 +63,20 @@ CASES = {
 def test_exact_tensor_is_the_official_pipelines_bit_for_bit(case: str) -> None:
     data = CASES[case]()
     want, size = official(data)
-    got = prepare_exact(open_rgb(data, 50_000_000), SIZE, SIZE)
+    # Bit for bit by default where no tag turns the image; a turned one with ORIENTATION=stored.
+    mode = "stored" if case == "exif-rotated jpeg" else "exif"
+    got = prepare_exact(open_rgb(data, 50_000_000, mode), SIZE, SIZE)
     assert got.pixels.dtype == np.float32 and got.pixels.shape == (3, SIZE, SIZE)
     assert np.array_equal(got.pixels, want), np.abs(got.pixels - want).max()
     assert got.target_size_wh == size == (got.width, got.height)
 
 
-def test_exif_orientation_is_not_applied_as_the_official_pipeline_does_not() -> None:
+def test_exif_orientation_is_applied_unless_stored_is_asked_as_the_official_pipeline_does(
+        ) -> None:
     assert prepare_exact(open_rgb(exif_rotated(), 50_000_000), SIZE, SIZE).target_size_wh == (
-        640, 400)
+        400, 640)
+    assert prepare_exact(open_rgb(exif_rotated(), 50_000_000, "stored"), SIZE,
+                         SIZE).target_size_wh == (640, 400)
 
 
 def test_exact_decoding_keeps_the_header_checks() -> None:
