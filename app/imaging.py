@@ -64,10 +64,11 @@ class PreparedImage:
 # Header walks are Python loops: a file of millions of empty segments or chunks would hold a
 # decode worker for many seconds (PIL's own walk too), so each walk is bounded, far above what
 # encoders write (a JPEG has a dozen segments before its scan, a camera's a few dozen; libpng
-# writes 8 KiB IDAT chunks, 2,048 for a 16 MiB file).
+# writes 8 KiB IDAT chunks, 2,048 for a 16 MiB file; a GIF a handful of extension blocks).
 MAX_JPEG_SEGMENTS = 1000
 MAX_PNG_CHUNKS = 16384
 MAX_WEBP_CHUNKS = 1000
+MAX_GIF_BLOCKS = 4096  # extension sub-blocks before the first image (PIL reads them in Python)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,23 @@ def _png_walk(data: bytes) -> int:
     return orientation
 
 
+def _gif_walk(data: bytes) -> None:
+    """Refuse a GIF with more than MAX_GIF_BLOCKS extension sub-blocks before its first image:
+    PIL reads them one by one in Python (3M one-byte comments: 4.4 s of a decode worker)."""
+    flags = data[10] if len(data) > 10 else 0
+    offset = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)  # global colour table
+    blocks, end = 0, len(data)
+    while offset < end and data[offset] == 0x21:  # an extension: label, then sub-blocks
+        offset += 2
+        while offset < end and data[offset] != 0:
+            blocks += 1
+            if blocks > MAX_GIF_BLOCKS:
+                raise InvalidImage(f"the GIF has more than {MAX_GIF_BLOCKS} blocks before its "
+                                   "image")
+            offset += 1 + data[offset]
+        offset += 1  # the terminator
+
+
 def _webp_orientation(data: bytes) -> int:
     """The orientation in an extended WebP's EXIF chunk (a RIFF walk, bounded)."""
     offset, end = 12, min(len(data), 8 + int.from_bytes(data[4:8], "little"))
@@ -226,6 +244,7 @@ def read_header(data: bytes) -> Header:
             return Header(size, orientation)
         if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
             width, height = struct.unpack("<HH", data[6:10])
+            _gif_walk(data)
             return Header((int(width), int(height)))
         if data[:2] == b"BM" and len(data) >= 26:
             width, height = struct.unpack("<ii", data[18:26])

@@ -26,6 +26,7 @@ from app.orientation import OrientationMode
 from app.postprocess import Detection, original_boxes, select
 from app.render import ImageFormat, draw
 from app.render import encode as encode_image
+from app.trim import IdleTrimmer
 
 MAX_ROOM_WAITERS = 256
 
@@ -93,6 +94,7 @@ class Detector:
             instances=engine.parallel.instances, run_timeout_s=settings.engine_timeout_s,
             observer=metrics)
         self._admitted = 0
+        self._trimmer = IdleTrimmer()
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self.accepting = True
         # Renders decode the full image again, draw and encode it: their own threads, so that
@@ -106,12 +108,13 @@ class Detector:
         """The most that requests can hold at once, runtime and model aside: every admitted
         request's upload, a full decode (and its resized copy) in each decode worker, a
         model-ready tensor for every admitted image, the slow uploads that gave their place
-        back, and each render's decoded, drawn and encoded image."""
+        back, and each render's decoded, drawn and encoded image. A decode worker also holds
+        a copy of its upload (a /v2 image is a view into its body until then)."""
         info, settings = self.engine.info, self.settings
         tensor = 3 * info.input_width * info.input_height * 4
         decoding = settings.max_pixels * 3 + info.input_width * info.input_height * 3
         return (self.max_admitted * (settings.max_upload_bytes + tensor)
-                + self.decode_workers * decoding
+                + self.decode_workers * (settings.max_upload_bytes + decoding)
                 + settings.max_slow_uploads * settings.max_upload_bytes
                 + settings.max_renders * 3 * settings.max_pixels * 3)
 
@@ -151,6 +154,8 @@ class Detector:
 
     def release(self, images: int) -> None:
         self._admitted -= images
+        if self._admitted == 0:
+            self._trimmer.idle()
         while self._room_waiters and self._admitted < self.max_admitted:
             waiter = self._room_waiters.popleft()  # the longest waiting first
             if not waiter.done():
@@ -179,6 +184,26 @@ class Detector:
         self.metrics.preprocess.observe(time.perf_counter() - started)
         return prepared
 
+    async def _prepare_in_pool(self, data: bytes | memoryview,
+                               orientation: OrientationMode | None = None) -> PreparedImage:
+        """``prepare`` in a decode worker. Cancelled (its client left, or another image of its
+        request failed), a decode not started yet never starts; one already running is waited
+        for, so that the request's places are held until its memory is given back."""
+        future = self._decode_pool.submit(self._prepare_bytes, data, orientation)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.cancel():  # running: it cannot be stopped
+                with contextlib.suppress(Exception):  # its result is not wanted any more
+                    await asyncio.wrap_future(future)
+            raise
+
+    def _prepare_bytes(self, data: bytes | memoryview, orientation: OrientationMode | None
+                       ) -> PreparedImage:
+        # A view into a request's body (/v2) becomes bytes here, in the worker: one copy per
+        # decode worker at a time (counted in the memory bound), not one per queued image.
+        return self.prepare(data if isinstance(data, bytes) else bytes(data), orientation)
+
     def _run_batch(self, items: list[PreparedImage]) -> list[_Row]:
         started = time.perf_counter()
         # The images go to the engine as they are: it stacks them straight into a bucket's
@@ -192,10 +217,8 @@ class Detector:
                 for k in range(len(items))]
 
     async def detect(self, data: bytes, params: DetectParams) -> DetectResult:
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        prepared = await loop.run_in_executor(self._decode_pool, self.prepare, data,
-                                              params.orientation)
+        prepared = await self._prepare_in_pool(data, params.orientation)
         del data  # a queued request holds its small tensor only, not its upload
         queued = time.perf_counter()
         row = await self.batcher.submit(prepared, self.settings.request_timeout_s)
@@ -213,15 +236,14 @@ class Detector:
         return DetectResult(prepared.width, prepared.height, detections,
                             {k: round(v * 1000, 3) for k, v in timing.items()}, row.batch_size)
 
-    async def infer(self, data: bytes | None = None, prepared: PreparedImage | None = None
-                    ) -> Official:
+    async def infer(self, data: bytes | memoryview | None = None,
+                    prepared: PreparedImage | None = None) -> Official:
         """One image through the engine, answered in the official layout (all its
         detections, boxes in original pixels, unclipped): from an upload, or from a tensor
         already preprocessed by the client."""
         if prepared is None:
             assert data is not None
-            prepared = await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, self.prepare, data)
+            prepared = await self._prepare_in_pool(data)
         row = await self.batcher.submit(prepared, self.settings.request_timeout_s)
         return Official(row.labels, original_boxes(row.boxes, prepared.letterbox), row.scores)
 

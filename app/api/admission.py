@@ -48,6 +48,11 @@ class AdmissionGate:
         self.hold_s = state.settings.upload_hold_ms / 1000
         self.max_slow = state.settings.max_slow_uploads
         self.slow_uploads = 0  # uploads still arriving that gave their place back
+        # What slow uploads may hold together: MAX_SLOW_UPLOADS uploads of MAX_UPLOAD_BYTES,
+        # as the memory bound counts them, whatever each may send (a /v2 body can carry 16
+        # images: 12 paced ones reached 2.4 GB against a bound of 1.5 GB).
+        self.slow_budget = state.settings.max_slow_uploads * state.settings.max_upload_bytes
+        self.slow_bytes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         detector = self.state.detector
@@ -100,6 +105,8 @@ class _Upload:
         self.slow = False  # gave its place back and counts as a slow upload
         self.cut = False  # too slow while MAX_SLOW_UPLOADS others are: 408 at its next chunk
         self.complete = False
+        self.received = 0  # body bytes so far
+        self.slow_bytes = 0  # what of them the gate's slow budget counts (while slow)
         self._timer = asyncio.get_running_loop().call_later(gate.hold_s, self._too_slow)
 
     def _too_slow(self) -> None:
@@ -107,21 +114,36 @@ class _Upload:
             return
         self.detector.release(self.held)
         self.held = 0
-        if self.gate.slow_uploads >= self.gate.max_slow:
+        # What it holds already counts against the slow budget from now on, with the rest.
+        if (self.gate.slow_uploads >= self.gate.max_slow
+                or self.gate.slow_bytes + self.received > self.gate.slow_budget):
             self.cut = True
         else:
             self.slow = True
             self.gate.slow_uploads += 1
+            self.slow_bytes = self.received
+            self.gate.slow_bytes += self.received
 
     def _not_slow(self) -> None:
         if self.slow:
             self.slow = False
             self.gate.slow_uploads -= 1
+        self.gate.slow_bytes -= self.slow_bytes
+        self.slow_bytes = 0
 
     async def receive(self) -> Message:
         if self.cut:
             raise ReadTimeout("the upload is too slow while the service is busy")
         message = await self._receive()
+        if message["type"] == "http.request":
+            size = len(message.get("body", b""))
+            self.received += size
+            if self.slow:
+                self.slow_bytes += size
+                self.gate.slow_bytes += size
+                if self.gate.slow_bytes > self.gate.slow_budget:  # this one pushed it over
+                    self.cut = True
+                    raise ReadTimeout("the upload is too slow while the service is busy")
         if (not self.complete and message["type"] == "http.request"
                 and not message.get("more_body", False)):
             self.complete = True

@@ -64,7 +64,7 @@ async def require_api_key(request: Request, state: StateDep) -> None:
     expected = state.settings.api_key
     if not expected or request.url.path in state.settings.open_path_set:
         return
-    given = request.headers.get("x-api-key")
+    given = request.headers.get("x-api-key") or None  # an empty header is no key
     if given is None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, PayloadTooLarge
 
 NUMERIC: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "INT64": np.dtype("<i8"),
@@ -31,7 +32,7 @@ class Tensor:
     name: str
     datatype: str
     shape: list[int]
-    value: np.ndarray | list[bytes]  # numeric array, or BYTES elements
+    value: np.ndarray | list[memoryview]  # numeric array, or BYTES elements
 
 
 @dataclass
@@ -41,12 +42,32 @@ class InferRequest:
     outputs: list[str] | None  # names asked for; None: all
 
 
-def parse_request(body: bytes, header_length: int | None) -> InferRequest:
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry, from what the model can take: checked before any list of
+    elements is built, so that a body of millions of tiny items costs a scan, not seconds of
+    parsing and gigabytes."""
+
+    max_images: int  # BYTES elements
+    max_image_bytes: int  # one BYTES element (MAX_UPLOAD_BYTES, as /detect)
+    max_elements: int  # numeric elements of all inputs together (images + sizes)
+
+
+# A request is a few objects and lists (inputs, shapes, parameters, outputs); data is flat.
+# More than this many is no request a client builds, but a body of empty lists would cost
+# orjson seconds of the event loop's GIL (it parses without releasing it).
+MAX_JSON_CONTAINERS = 4096
+
+
+def parse_request(body: bytes | bytearray, header_length: int | None, limits: Limits
+                  ) -> InferRequest:
     """An inference request, in JSON or with binary inputs after a JSON header."""
-    header, binary = (body, b"") if header_length is None else (
-        body[:header_length], body[header_length:])
     if header_length is not None and not 0 < header_length <= len(body):
         raise InvalidRequest("Inference-Header-Content-Length is not within the body")
+    view = memoryview(body)
+    header = body if header_length is None else bytes(view[:header_length])
+    binary = view[len(header):]
+    _bound_json(header, limits)
     try:
         document = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
@@ -56,39 +77,69 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
     inputs: dict[str, Tensor] = {}
     offset = 0
     for spec in document["inputs"]:
-        tensor, used = _input(spec, binary, offset)
+        tensor, used = _input(spec, binary, offset, limits)
         inputs[tensor.name] = tensor
         offset += used
     if offset != len(binary):
         raise InvalidRequest("the binary data does not match the inputs' binary_data_size")
-    wanted = document.get("outputs")
-    names = ([str(o.get("name")) for o in wanted if isinstance(o, dict)]
-             if isinstance(wanted, list) and wanted else None)
     request_id = document.get("id")
-    return InferRequest(str(request_id) if request_id is not None else None, inputs, names)
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidRequest("'id' must be a string")
+    return InferRequest(request_id, inputs, _requested_outputs(document.get("outputs")))
 
 
-def _input(spec: Any, binary: bytes, offset: int) -> tuple[Tensor, int]:
+def _bound_json(text: bytes | bytearray, limits: Limits) -> None:
+    """Refuse, by counting bytes (no parsing), JSON with more containers or items than any
+    request for this model has."""
+    containers = text.count(b"[") + text.count(b"{")
+    if containers > MAX_JSON_CONTAINERS:
+        raise InvalidRequest(f"the request has {containers} JSON lists and objects; at most "
+                             f"{MAX_JSON_CONTAINERS}")
+    if text.count(b",") > limits.max_elements + MAX_JSON_CONTAINERS:
+        raise InvalidRequest(f"the request has more items than the model takes "
+                             f"({limits.max_elements} values at most)")
+
+
+def _requested_outputs(wanted: Any) -> list[str] | None:
+    if wanted is None or wanted == []:
+        return None
+    if not isinstance(wanted, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted):
+        raise InvalidRequest("'outputs' must be a list of objects with a 'name' string")
+    return [o["name"] for o in wanted]
+
+
+def _input(spec: Any, binary: memoryview, offset: int, limits: Limits) -> tuple[Tensor, int]:
     if not isinstance(spec, dict):
         raise InvalidRequest("each input must be an object")
     name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
     if (not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list)
-            or not all(isinstance(d, int) and d >= 0 for d in shape)):
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                       for d in shape)):
         raise InvalidRequest("each input needs a name, a datatype and a shape of sizes")
-    count = int(np.prod(shape)) if shape else 1
-    size = (spec.get("parameters") or {}).get("binary_data_size")
+    count = math.prod(shape)  # Python ints: no overflow
+    budget = limits.max_images if datatype == "BYTES" else limits.max_elements
+    if count > budget:
+        raise InvalidRequest(f"input {name}: shape {shape[:8]} holds {count} elements; at most "
+                             f"{budget} for this model")
+    parameters = spec.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidRequest(f"input {name}: 'parameters' must be an object")
+    size = parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if (not isinstance(size, int) or isinstance(size, bool) or size < 0
+                or offset + size > len(binary)):
             raise InvalidRequest(f"input {name}: binary_data_size runs past the body")
         raw = binary[offset:offset + size]
-        value: np.ndarray | list[bytes] = (_bytes_elements(raw, name) if datatype == "BYTES"
+        value: np.ndarray | list[memoryview] = (_bytes_elements(raw, name, limits)
+                                           if datatype == "BYTES"
                                            else _numeric(raw, datatype, name))
         used = size
     else:
         data = spec.get("data")
         if not isinstance(data, list):
             raise InvalidRequest(f"input {name}: needs 'data' or binary data")
-        value = _json_bytes(data, name) if datatype == "BYTES" else _json_numeric(
+        value = _json_bytes(data, name, limits) if datatype == "BYTES" else _json_numeric(
             data, datatype, name)
         used = 0
     if len(value) != count:
@@ -98,13 +149,13 @@ def _input(spec: Any, binary: bytes, offset: int) -> tuple[Tensor, int]:
     return Tensor(name, datatype, shape, value), used
 
 
-def _numeric(raw: bytes, datatype: str, name: str) -> np.ndarray:
+def _numeric(raw: memoryview, datatype: str, name: str) -> np.ndarray:
     dtype = NUMERIC.get(datatype)
     if dtype is None:
         raise InvalidRequest(f"input {name}: datatype {datatype} is not accepted")
     if len(raw) % dtype.itemsize:
         raise InvalidRequest(f"input {name}: {len(raw)} bytes are no whole {datatype} values")
-    array: np.ndarray = np.frombuffer(raw, dtype)
+    array: np.ndarray = np.frombuffer(raw, dtype).copy()  # its own memory, not the body's
     return array
 
 
@@ -112,32 +163,56 @@ def _json_numeric(data: list[Any], datatype: str, name: str) -> np.ndarray:
     dtype = NUMERIC.get(datatype)
     if dtype is None:
         raise InvalidRequest(f"input {name}: datatype {datatype} is not accepted")
+    if None in data:  # numpy would make it NaN
+        raise InvalidRequest(f"input {name}: data holds null")
     try:
         array: np.ndarray = np.asarray(data, dtype).reshape(-1)
         return array
-    except (ValueError, TypeError):
-        raise InvalidRequest(f"input {name}: data is not a flat list of numbers") from None
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidRequest(f"input {name}: data is not a flat list of {datatype} numbers"
+                             ) from None
 
 
-def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
-    elements, offset = [], 0
+def _bytes_elements(raw: memoryview, name: str, limits: Limits) -> list[memoryview]:
+    """The elements of the binary extension's BYTES table (4-byte length, then the bytes),
+    refused as soon as there are more than the model takes or one is over the size limit.
+    Views into the body, not copies: the body is held once, for the places it was admitted
+    with; a decode worker copies its element when it starts."""
+    elements: list[memoryview] = []
+    offset = 0
     while offset < len(raw):
+        if len(elements) == limits.max_images:
+            raise InvalidRequest(f"input {name}: more than {limits.max_images} images")
         if offset + 4 > len(raw):
             raise InvalidRequest(f"input {name}: a BYTES element's length is cut short")
         (length,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + length > len(raw):
             raise InvalidRequest(f"input {name}: a BYTES element runs past its data")
+        if length > limits.max_image_bytes:
+            raise PayloadTooLarge(f"input {name}: an image is {length} bytes; the limit is "
+                                  f"{limits.max_image_bytes} bytes")
         elements.append(raw[offset:offset + length])
         offset += length
     return elements
 
 
-def _json_bytes(data: list[Any], name: str) -> list[bytes]:
-    try:
-        return [base64.b64decode(item, validate=True) for item in data]
-    except (binascii.Error, ValueError, TypeError):
-        raise InvalidRequest(f"input {name}: BYTES in JSON must be base64 strings") from None
+def _json_bytes(data: list[Any], name: str, limits: Limits) -> list[memoryview]:
+    if len(data) > limits.max_images:
+        raise InvalidRequest(f"input {name}: more than {limits.max_images} images")
+    elements = []
+    for item in data:
+        if not isinstance(item, str):
+            raise InvalidRequest(f"input {name}: BYTES in JSON must be base64 strings")
+        if len(item) > limits.max_image_bytes * 4 // 3 + 4:
+            raise PayloadTooLarge(f"input {name}: an image is over the limit of "
+                                  f"{limits.max_image_bytes} bytes")
+        try:
+            elements.append(memoryview(base64.b64decode(item, validate=True)))
+        except (binascii.Error, ValueError):
+            raise InvalidRequest(f"input {name}: BYTES in JSON must be base64 strings"
+                                 ) from None
+    return elements
 
 
 def output(name: str, value: np.ndarray | list[list[str]], datatype: str) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -23,11 +23,14 @@ from fastapi import APIRouter, Depends, Request, Response
 from app.api.deps import DetectorDep, StateDep, require_api_key
 from app.api.routes import until_disconnect
 from app.api.uploads import MULTIPART_OVERHEAD_BYTES, read_body
-from app.api.v2_codec import InferRequest, output, parse_request
+from app.api.v2_codec import InferRequest, Limits, output, parse_request
 from app.errors import InvalidRequest, NotFound
+from app.imaging import MAX_SIDE as MAX_TARGET_SIDE
 from app.imaging import PreparedImage
 from app.labels import label_name
 from app.service import Detector, Official
+
+T = TypeVar("T")
 
 router = APIRouter(prefix="/v2", dependencies=[Depends(require_api_key)],
                    tags=["Open Inference Protocol (KServe v2)"])
@@ -133,24 +136,52 @@ async def infer(name: str, request: Request, detector: DetectorDep) -> Response:
     _model(name, detector)
     settings = detector.settings
     header = request.headers.get("inference-header-content-length")
-    if header is not None and not header.isdigit():
-        raise InvalidRequest("Inference-Header-Content-Length must be a number")
+    if header is not None and not (header.isascii() and header.isdigit() and len(header) <= 15):
+        raise InvalidRequest("Inference-Header-Content-Length must be a number of bytes")
     limit = settings.max_batch_images * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
-    parsed = parse_request(await read_body(request, settings, limit),
-                           int(header) if header is not None else None)
-    work = _work(parsed, detector)
+    body = await read_body(request, settings, limit)
+    info = detector.engine.info
+    images = settings.max_batch_images
+    limits = Limits(images, settings.max_upload_bytes,
+                    images * (3 * info.input_width * info.input_height + 2))
+    # Off the event loop: what is left of parsing after the bounds is still Python work.
+    parsed = await asyncio.to_thread(parse_request, body,
+                                     int(header) if header is not None else None, limits)
+    del body
+    _check_outputs(parsed.outputs)
+    work = await asyncio.to_thread(_work, parsed, detector)
     # The admission gate held places for what the body's size suggested: take the rest now.
     extra = len(work) - request.scope.get("state", {}).get("places", len(work))
     if extra > 0:
         await detector.acquire(extra, 0)
     try:
-        results = await until_disconnect(request, asyncio.gather(*(job() for job in work)))
+        results = await until_disconnect(request, all_or_none(job() for job in work))
     finally:
         if extra > 0:
             detector.release(extra)
     return _json({"model_name": name, "model_version": VERSION,
                   **({"id": parsed.id} if parsed.id is not None else {}),
                   "outputs": _outputs(results, parsed.outputs, detector)})
+
+
+async def all_or_none(jobs: Iterable[Awaitable[T]]) -> list[T]:
+    """Every job's result; when one fails, the others are cancelled (a decode not started yet
+    never starts) and waited for, so that their places are held until they are gone, and the
+    first failure is raised."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _check_outputs(wanted: list[str] | None) -> None:
+    unknown = set(wanted or ()) - set(OUTPUTS)
+    if unknown:
+        raise InvalidRequest(f"unknown output(s) {sorted(unknown)}; outputs: {list(OUTPUTS)}")
 
 
 def _work(parsed: InferRequest, detector: Detector
@@ -174,13 +205,17 @@ def _work(parsed: InferRequest, detector: Detector
         raise InvalidRequest(f"images must be [N, 3, {info.input_height}, {info.input_width}]")
     if not 0 < len(pixels) <= limit:
         raise InvalidRequest(f"send 1 to {limit} images; got {len(pixels)}")
+    if not np.isfinite(pixels).all():
+        raise InvalidRequest("images must be finite numbers (no NaN or infinity)")
     sizes = parsed.inputs.get("orig_target_sizes")
     if sizes is None:
         wh = np.tile([info.input_width, info.input_height], (len(pixels), 1))
     else:
         wh = np.asarray(sizes.value, np.int64)
-        if wh.shape != (len(pixels), 2) or (wh <= 0).any():
-            raise InvalidRequest("orig_target_sizes must be [N, 2] positive (width, height)")
+        if (wh.shape != (len(pixels), 2) or (wh <= 0).any()
+                or (wh > MAX_TARGET_SIDE).any()):
+            raise InvalidRequest(f"orig_target_sizes must be [N, 2] (width, height), each "
+                                 f"1 to {MAX_TARGET_SIDE}")
     return [functools.partial(detector.infer, prepared=PreparedImage(
         np.ascontiguousarray(p), int(w), int(h), (int(w), int(h))))
         for p, (w, h) in zip(pixels, wh)]
@@ -188,9 +223,6 @@ def _work(parsed: InferRequest, detector: Detector
 
 def _outputs(results: list[Official], wanted: list[str] | None, detector: Detector
              ) -> list[dict[str, Any]]:
-    unknown = set(wanted or ()) - set(OUTPUTS)
-    if unknown:
-        raise InvalidRequest(f"unknown output(s) {sorted(unknown)}; outputs: {list(OUTPUTS)}")
     labels = np.stack([r.labels for r in results])
     names = detector.engine.info.labels
     made = {

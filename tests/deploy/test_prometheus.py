@@ -99,7 +99,8 @@ def wait_for(query: Query, expr: str, done: Callable[[float], bool], timeout_s: 
     deadline = time.monotonic() + timeout_s
     value = 0.0
     while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError, KeyError, IndexError):
+        # ValueError: a Prometheus still starting answers "Service Unavailable", not JSON.
+        with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
             rows = query(expr)
             value = float(rows[0]["value"][1]) if rows else 0.0
             if done(value):

@@ -115,3 +115,16 @@ def test_header_walks_stop_at_millions_of_empty_records() -> None:
     with pytest.raises(InvalidImage, match="chunks"):
         check_header(crowded, 25_000_000)
     check_header(png[:33] + empty_chunk * 100 + png[33:], 25_000_000)  # a few are fine
+
+
+def test_a_gif_of_millions_of_comment_blocks_is_refused_before_pil_reads_them() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(buffer, "GIF")
+    gif = buffer.getvalue()
+    flags = gif[10]
+    start = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
+    comments = b"\x21\xfe" + b"\x01x" * 100 + b"\x00"  # one extension of 100 sub-blocks
+    check_header(gif[:start] + comments * 10 + gif[start:], 25_000_000)  # 1,000: fine
+    assert open_rgb(gif[:start] + comments * 10 + gif[start:], 25_000_000).size == (64, 48)
+    with pytest.raises(InvalidImage, match="blocks"):  # 4.4 s of PIL for 3M before
+        check_header(gif[:start] + comments * 50 + gif[start:], 25_000_000)
