@@ -338,8 +338,10 @@ class _Builder:
         def make_runner(size: int, cuda_graph: bool,
                         session: ort.InferenceSession | None = None) -> BucketRunner:
             session = session or self.session(size, cuda_graph)
-            return BucketRunner(session, size, [_at(s, size) for s in inputs],
-                                output_specs(session, info.output_names), device, fill=fill)
+            sized = [_at(s, size) for s in inputs]
+            return BucketRunner(session, size, sized,
+                                output_specs(session, info.output_names, sized), device,
+                                fill=fill)
 
         memory_kind: MemoryKind = "gpu" if plan.on_gpu else "host"
         buckets = []

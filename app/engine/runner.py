@@ -39,17 +39,20 @@ class TensorSpec:
     dtype: type[np.generic]
 
 
-def output_specs(session: ort.InferenceSession, names: list[str]) -> list[TensorSpec]:
+def output_specs(session: ort.InferenceSession, names: list[str],
+                 inputs: list[TensorSpec]) -> list[TensorSpec]:
     """The outputs' shapes and types as the session reports them: with the batch axis fixed,
-    onnxruntime infers every output dimension (the export's "Modlabels_dim_1" becomes 300)."""
+    onnxruntime infers every output dimension (the export's "Modlabels_dim_1" becomes 300).
+    Where it can't (an exporter's data-dependent dimension), one run on zeros tells."""
     by_name = {o.name: o for o in session.get_outputs()}
-    specs = []
-    for name in names:
-        shape = by_name[name].shape
-        if not all(isinstance(d, int) for d in shape):
-            raise ValueError(f"output {name} has shape {shape} even with the batch fixed")
-        specs.append(TensorSpec(name, tuple(shape), NUMPY_TYPES[by_name[name].type]))
-    return specs
+    shapes = [by_name[name].shape for name in names]
+    if all(isinstance(d, int) for shape in shapes for d in shape):
+        return [TensorSpec(name, tuple(shape), NUMPY_TYPES[by_name[name].type])
+                for name, shape in zip(names, shapes)]
+    feeds = {spec.name: np.ones(spec.shape, spec.dtype) for spec in inputs}
+    arrays = session.run(names, feeds)
+    return [TensorSpec(name, tuple(array.shape), array.dtype.type)
+            for name, array in zip(names, arrays)]
 
 
 class BucketRunner:

@@ -240,3 +240,27 @@ def test_the_engine_plans_for_the_providers_its_first_session_reports(
     assert report["providers_running"] == [CPU]
     images, sizes = scenes(1)
     assert engine.run(images, sizes).scores[0, 0] > 0.5
+
+
+class UnsettledOutputs:
+    """Fault injection: a session whose output has a dimension onnxruntime could not infer
+    (an exporter's data-dependent one): the runner learns it from one run instead."""
+
+    class Arg:
+        def __init__(self, name: str, shape: list[Any], kind: str) -> None:
+            self.name, self.shape, self.type = name, shape, kind
+
+    def get_outputs(self) -> list[Any]:
+        return [self.Arg("scores", [2, "K"], "tensor(float)")]
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        assert feeds["images"].shape == (2, 3, 8, 8)
+        return [np.zeros((2, 7), np.float32)]
+
+
+def test_outputs_the_session_cannot_size_are_sized_by_one_run() -> None:
+    from app.engine.runner import TensorSpec, output_specs
+
+    specs = output_specs(UnsettledOutputs(), ["scores"],  # type: ignore[arg-type]
+                         [TensorSpec("images", (2, 3, 8, 8), np.float32)])
+    assert [(s.name, s.shape, s.dtype) for s in specs] == [("scores", (2, 7), np.float32)]
