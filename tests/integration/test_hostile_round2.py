@@ -99,7 +99,8 @@ def test_millions_of_empty_bytes_elements_are_refused_at_the_model_limit(served:
     body, length = binary_bytes_request([b""] * 4_000_000, shape=16)
     response, took, slowest = while_answering(served, lambda: v2(served, body, length))
     assert response.status_code == 422 and "more than 16 images" in response.json()["error"]
-    assert took < 2.0 and slowest < 0.5, (took, slowest)
+    # Generous bounds for a loaded machine: what failed before were seconds of a frozen loop.
+    assert took < 2.0 and slowest < 1.0, (took, slowest)
     good_request(served)
 
 
@@ -109,7 +110,7 @@ def test_json_of_millions_of_empty_lists_is_refused_unparsed(served: Server) -> 
             + b"[]," * 13_000_000 + b'"eA=="]}]}')
     response, took, slowest = while_answering(served, lambda: v2(served, body))
     assert response.status_code == 422 and "JSON lists" in response.json()["error"]
-    assert took < 3.0 and slowest < 1.0, (took, slowest)
+    assert took < 3.0 and slowest < 1.5, (took, slowest)
     good_request(served)
 
 
@@ -121,7 +122,7 @@ def test_detect_json_with_other_fields_is_refused_unparsed(served: Server) -> No
         f"{served.url}/detect", content=padded, timeout=30,
         headers={"Content-Type": "application/json", **AUTH}))
     assert response.status_code == 422 and "no other field" in response.text
-    assert took < 2.0 and slowest < 0.5, (took, slowest)
+    assert took < 2.0 and slowest < 1.0, (took, slowest)
     extra = httpx.post(f"{served.url}/detect", json={"image": image, "name": "x.jpg"},
                        headers=AUTH, timeout=30)
     assert extra.status_code == 422
@@ -150,7 +151,7 @@ def test_files_of_millions_of_tiny_records_are_refused_at_once(served: Server, f
                           headers={"Content-Type": f"image/{kind}", **AUTH})
     assert response.status_code == 400, response.text
     assert ("segments" if kind == "jpeg" else "chunks") in response.json()["error"]["message"]
-    assert time.perf_counter() - started < 2.0  # 20-30 s of a decode worker before
+    assert time.perf_counter() - started < 2.0  # 3-11 s of a decode worker before
     good_request(served)
     # A few are fine: what encoders write.
     few = jpeg_of_empty_segments(MAX_JPEG_SEGMENTS // 2) if kind == "jpeg" else \
@@ -185,7 +186,7 @@ def test_a_jpeg_hiding_its_size_behind_garbage_is_refused_by_its_size(served: Se
                               headers={"Content-Type": "image/jpeg", **headers})
         assert response.status_code == 413, response.text
         assert "20000x20000" in response.json()["error"]["message"]
-        assert time.perf_counter() - started < 1.0  # 5.2 s and +2.3 GB in OpenCV before
+        assert time.perf_counter() - started < 2.0
     good_request(fast, {})
 
 
