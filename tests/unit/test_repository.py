@@ -32,3 +32,12 @@ def test_no_large_file_outside_models() -> None:
 def test_tracked_tree_under_40_mb() -> None:
     total = sum(tracked_sizes().values())
     assert total <= MAX_TREE_BYTES, f"tracked tree is {total / 1e6:.1f} MB"
+
+
+def test_every_setting_has_a_row_in_the_readme() -> None:
+    from app.config import Settings, flag_of
+
+    text = (ROOT / "README.md").read_text()
+    missing = [name for name in Settings.model_fields
+               if f"| `DFINE_{name.upper()}` | `{flag_of(name)}` |" not in text]
+    assert not missing, f"settings missing from README's table: {missing}"
