@@ -299,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _service_command(args: argparse.Namespace, port: int, *flags: str) -> list[str]:
+    """``python -m app`` for the bench's model on ``port``, logging at info, then ``flags``."""
+    return [sys.executable, "-m", "app", "--model-path", str(args.model), "--port", str(port),
+            "--log-level", "info", *flags]
+
+
 def _settings_for(model: Path, service_args: str) -> Settings:
     return settings_from_args(["--model-path", str(model), *shlex.split(service_args)])
 
@@ -346,8 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.url is None:
             port = free_port()
             service = stack.enter_context(_server(
-                [python, "-m", "app", "--model-path", str(args.model), "--port", str(port),
-                 "--log-level", "info", *shlex.split(args.service_args)],
+                _service_command(args, port, *shlex.split(args.service_args)),
                 port, "/readyz", "service", args.out / "service.log"))
         peer = None
         if not args.no_peer:
@@ -360,8 +365,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.front_end:
             port = free_port()
             front_end = stack.enter_context(_server(
-                [python, "-m", "app", "--model-path", str(args.model), "--port", str(port),
-                 "--log-level", "info", *shlex.split(args.service_args), "--instant-engine"],
+                _service_command(args, port, *shlex.split(args.service_args),
+                                 "--instant-engine"),
                 port, "/readyz", "front end (instant engine)", args.out / "front-end.log"))
         idle = asyncio.run(_service_metrics(service.url))
         idle_rss_mb = round(metric_value(idle, "process_resident_memory_bytes") / 1e6, 1)
@@ -374,9 +379,8 @@ def main(argv: list[str] | None = None) -> None:
               else engine_ceiling(settings, bodies, args.duration_s))
     if args.overload:
         port = free_port()
-        with _server([python, "-m", "app", "--model-path", str(args.model), "--port",
-                      str(port), "--log-level", "info", "--max-queue",
-                      str(args.overload_queue), *shlex.split(args.service_args)],
+        with _server(_service_command(args, port, "--max-queue", str(args.overload_queue),
+                                      *shlex.split(args.service_args)),
                      port, "/readyz", "service (overload)",
                      args.out / "service-overload.log") as overloaded:
             result = median_run([asyncio.run(_measure_service(

@@ -16,7 +16,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -193,11 +193,9 @@ class OnnxEngine:
         user request pays for a first run: cuDNN's algorithm search, CUDA graph capture,
         TensorRT's engine build or cache load, memory arena growth. Each bucket is timed
         afterwards (``bucket_costs``)."""
-        h, w = self.info.input_height, self.info.input_width
         if not self._buckets:
             for n in range(1, self.parallel.max_batch_size + 1):
-                images = np.zeros((n, 3, h, w), np.float32)
-                sizes = np.tile(np.asarray([[w, h]], np.int64), (n, 1))
+                images, sizes = self._zeros(n)
                 self.run(images, sizes)  # alone: with the solo session, if there is one
                 if self.solo_session is not None:
                     self.run(images, sizes, may_use_all_cores=False)
@@ -216,11 +214,17 @@ class OnnxEngine:
             f"{' with CUDA graph' if b.cuda_graph else ''}" for b in self._buckets.values()),
             kind)
 
-    def _zero_feeds(self, size: int) -> warmup.Feeds:
+    def _zeros(self, n: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """n black images at the model's input size, and their sizes."""
         h, w = self.info.input_height, self.info.input_width
-        feeds = {self.info.image_input: np.zeros((size, 3, h, w), np.float32)}
+        return (np.zeros((n, 3, h, w), np.float32),
+                np.tile(np.asarray([[w, h]], np.int64), (n, 1)))
+
+    def _zero_feeds(self, size: int) -> warmup.Feeds:
+        images, sizes = self._zeros(size)
+        feeds: warmup.Feeds = {self.info.image_input: images}
         if self.info.layout == "official":
-            feeds["orig_target_sizes"] = np.tile(np.asarray([[w, h]], np.int64), (size, 1))
+            feeds["orig_target_sizes"] = sizes
         return feeds
 
     def _warm_bucket(self, bucket: Bucket) -> None:
@@ -304,16 +308,9 @@ class _Builder:
             self.first = self.session(None, False)
             return
         size = self.plan.buckets[0]
-        if self.plan.cuda_graph:
-            try:
-                self.first = self.session(size, True)
-                return
-            except ModelLoadError as exc:  # onnxruntime refuses a graph when a node is off CUDA
-                if self.settings.cuda_graph == "on":
-                    raise
-                log.warning("bucket %d: no CUDA graph (%s); running it without", size, exc)
-                self.first_graph = False
-        self.first = self.session(size, False)
+        self.first, self.first_graph = _with_graph_if_accepted(
+            lambda graph: self.session(size, graph), size, self.plan.cuda_graph,
+            self.settings.cuda_graph == "on")
 
     def take_first(self) -> ort.InferenceSession:
         session, self.first = self.first, None
@@ -326,7 +323,8 @@ class _Builder:
         if plan.buckets is None:
             solo = None
             if plan.parallel.solo_threads:
-                solo = self.factory(self.source, plan.config(threads=plan.parallel.solo_threads))
+                solo = self.factory(self.source,
+                                    plan.config(cpu_threads=plan.parallel.solo_threads))
             return OnnxEngine(info, plan.parallel, self.take_first(), solo)
         device: Device = "cuda" if plan.on_gpu else "cpu"
         h, w = info.input_height, info.input_width
@@ -362,22 +360,36 @@ class _Builder:
                           graph_required=graph_required)
 
 
-def _make_runners(make: Callable[..., BucketRunner], size: int, count: int, want_graph: bool,
-                  graph_required: bool, first: ort.InferenceSession | None = None
-                  ) -> tuple[list[BucketRunner], bool]:
-    """``count`` runners of a bucket (the first on ``first``, if given), with CUDA graphs if
-    wanted and onnxruntime accepts them for this model (it refuses at session creation when a
-    node is not on CUDA)."""
-    sessions = [first] + [None] * (count - 1) if first is not None else [None] * count
+T = TypeVar("T")
+
+
+def _with_graph_if_accepted(open_with: Callable[[bool], T], size: int, want_graph: bool,
+                            graph_required: bool) -> tuple[T, bool]:
+    """``open_with(cuda_graph)``, with a graph if wanted and onnxruntime accepts one for this
+    model (it refuses at session creation when a node is not on CUDA), else without; and
+    whether it has one."""
     if want_graph:
         try:
-            return [make(size, True, s) for s in sessions], True
+            return open_with(True), True
         except ModelLoadError as exc:
             if graph_required:
                 raise
             log.warning("bucket %d: no CUDA graph (%s); running it without", size, exc)
-            sessions = [None] * count
-    return [make(size, False, s) for s in sessions], False
+    return open_with(False), False
+
+
+def _make_runners(make: Callable[..., BucketRunner], size: int, count: int, want_graph: bool,
+                  graph_required: bool, first: ort.InferenceSession | None = None
+                  ) -> tuple[list[BucketRunner], bool]:
+    """``count`` runners of a bucket. The first decides whether they have CUDA graphs: opened
+    here (``_with_graph_if_accepted``), or given as ``first``, a session already opened with
+    ``want_graph`` settled."""
+    if first is not None:
+        runner, graph = make(size, want_graph, first), want_graph
+    else:
+        runner, graph = _with_graph_if_accepted(lambda g: make(size, g), size, want_graph,
+                                                graph_required)
+    return [runner, *(make(size, graph) for _ in range(count - 1))], graph
 
 
 def _replace_runners(bucket: Bucket, replacements: list[BucketRunner]) -> None:

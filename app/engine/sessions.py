@@ -139,12 +139,13 @@ class EnginePlan:
         return self.providers[0] != prov.CPU
 
     def config(self, bucket: int | None = None, cuda_graph: bool = False,
-               threads: int | None = None, batch_dim: str | None = None) -> SessionConfig:
-        """A session's config: the dynamic one (no bucket), or a bucket's."""
+               cpu_threads: int | None = None, batch_dim: str | None = None) -> SessionConfig:
+        """A session's config: the dynamic one (no bucket), a bucket's, or with
+        ``cpu_threads`` a CPU session of that many threads (the solo session of lone runs)."""
+        if cpu_threads is not None:
+            return SessionConfig([(prov.CPU, {})], cpu_threads, self.parallel.spin)
         options = replace(self.gpu, bucket=bucket, cuda_graph=cuda_graph)
-        specs = (prov.provider_specs(self.providers, options) if threads is None
-                 else [(prov.CPU, {})])
-        return SessionConfig(specs, self.parallel.threads if threads is None else threads,
+        return SessionConfig(prov.provider_specs(self.providers, options), self.parallel.threads,
                              self.parallel.spin, batch_dim, bucket)
 
 
