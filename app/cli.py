@@ -44,9 +44,8 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         self.state.draining = True
-        if self.state.detector is not None:
-            log.info("draining: refusing new requests, finishing admitted ones")
-            await self.state.detector.drain(self.drain_timeout_s)
+        log.info("draining: refusing new requests, finishing admitted ones")
+        await self.state.registry.drain(self.drain_timeout_s)
         self.should_exit = True
 
 
@@ -56,6 +55,11 @@ def main(argv: list[str] | None = None) -> None:
         from app.bench.cli import main as bench  # only the tools need their modules
 
         bench(argv[1:])
+        return
+    if argv[:1] == ["bench-swap"]:
+        from app.bench.swap import main as bench_swap
+
+        bench_swap(argv[1:])
         return
     if argv[:1] == ["eval"]:
         from app.bench.evaluate import main as evaluate
@@ -78,10 +82,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dfine-serve: error: {exc}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings.log_level, settings.log_format)
-    try:
-        engine = load_engine(settings)  # fail fast, before binding the port
-    except ModelLoadError as exc:
-        print(f"dfine-serve: error: {exc}", file=sys.stderr)
+    engine = None
+    if settings.model_repository is None:
+        try:
+            engine = load_engine(settings)  # fail fast, before binding the port
+        except ModelLoadError as exc:
+            print(f"dfine-serve: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+    elif not settings.model_repository.is_dir():
+        print(f"dfine-serve: error: model repository {settings.model_repository} is not a "
+              f"directory", file=sys.stderr)
         sys.exit(2)
     app = create_app(settings, engine=engine)
     server = DrainingServer(server_config(app, settings), app.state.dfine,

@@ -21,6 +21,7 @@ PreprocessMode = Literal["exact", "fast"]
 CudaGraphMode = Literal["auto", "on", "off"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
+ModelControl = Literal["none", "poll", "explicit"]
 
 
 class Settings(BaseSettings):
@@ -30,7 +31,27 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DFINE_", frozen=True, extra="forbid",
                                       env_ignore_empty=True)
 
-    model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model to serve")
+    model_path: Path = Field(
+        DEFAULT_MODEL_PATH, description="ONNX model to serve (one model, named by the file's "
+        "stem, version 1); ignored with MODEL_REPOSITORY")
+    model_repository: Path | None = Field(
+        None, description="a model repository, DIR/<name>/<version>/model.onnx (Triton's "
+        "layout): every model in it is served (README \"Models and versions\")")
+    model_control: ModelControl = Field(
+        "none", description="none: the repository is read at start only; poll: rescanned "
+        "every REPOSITORY_POLL_S, new versions rolled in live; explicit: changed only by "
+        "POST /v2/repository/models/<name>/load and /unload")
+    repository_poll_s: float = Field(
+        5.0, gt=0, le=3600, description="MODEL_CONTROL=poll: seconds between rescans")
+    default_model: str | None = Field(
+        None, description="the model a request without `model` goes to; default: the only "
+        "one")
+    max_loaded_models: int = Field(
+        8, ge=1, le=256, description="model versions loaded at once, at most (one being "
+        "rolled in beside the version it replaces counts once); a load past it is refused")
+    input_size: str | None = Field(
+        None, description="WxH (or one number) for an export whose height and width are "
+        "dynamic; default: its dfine.input_size metadata, else 640")
     labels_path: Path | None = Field(None, description="class names, one a line")
     providers: str = Field(
         "auto", description="auto, tensorrt, cuda, cpu, or a comma list in priority order")
@@ -142,6 +163,17 @@ class Settings(BaseSettings):
         parse_buckets(value)
         return value
 
+    @field_validator("input_size")
+    @classmethod
+    def _valid_input_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_input_size(value)
+        return value
+
+    @property
+    def input_size_wh(self) -> tuple[int, int] | None:
+        return None if self.input_size is None else parse_input_size(self.input_size)
+
     @property
     def bucket_sizes(self) -> tuple[int, ...] | None:
         """The buckets asked for; None: auto."""
@@ -160,6 +192,18 @@ class Settings(BaseSettings):
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
 
+def parse_input_size(text: str) -> tuple[int, int]:
+    """'640', '640x480' (width x height) -> (width, height); each a multiple of 32."""
+    width, _, height = text.strip().lower().partition("x")
+    try:
+        size = int(width), int(height or width)
+    except ValueError:
+        raise ValueError(f"input size {text!r}: WxH or one number, e.g. 640x480") from None
+    if not all(32 <= side <= 4096 and side % 32 == 0 for side in size):
+        raise ValueError(f"input size {text!r}: each side a multiple of 32 from 32 to 4096")
+    return size
+
+
 class SettingsError(ValueError):
     """A bad setting, said in one line per problem: its flag, its variable, what is wrong."""
 
@@ -171,6 +215,8 @@ def flag_of(name: str) -> str:
 TOOLS_EPILOG = """tools:
   dfine-serve bench ...   load test: the service beside a plain server and its own ceilings
                           (dfine-serve bench --help)
+  dfine-serve bench-swap  a new model version rolled in under load: errors, time to serve
+                          it, p99 during the swap (dfine-serve bench-swap --help)
   dfine-serve eval ...    COCO AP of a running service or of a model in-process
                           (dfine-serve eval --help)
   dfine-serve inspect ... what the engine hands onnxruntime for a bucket, and what it makes

@@ -55,6 +55,20 @@ class InvalidRequest(ServiceError):
     code, status, message = "invalid_request", 422, "the request is invalid"
 
 
+class Conflict(ServiceError):
+    """What was asked conflicts with the service's state or settings (a load past
+    MAX_LOADED_MODELS, a load or unload that MODEL_CONTROL does not allow)."""
+
+    code, status, message = "conflict", 409, "conflicts with the service's state"
+
+
+class LoadFailed(ServiceError):
+    """A model version asked for could not be loaded, warmed up or checked (Triton answers
+    400 too); the versions serving before keep serving."""
+
+    code, status, message = "load_failed", 400, "the model could not be loaded"
+
+
 class Unauthorized(ServiceError):
     code, status, message = "unauthorized", 401, "unauthorized"
 

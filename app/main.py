@@ -18,59 +18,45 @@ from app.api.deps import AppState
 from app.api.errors import install_error_handlers
 from app.api.head import HeadAsGet
 from app.api.observe import RequestObserver
+from app.api.repository_routes import router as repository_router
 from app.api.routes import STATIC, pages, router
 from app.api.security import SecurityHeaders
 from app.api.v2_routes import router as v2_router
 from app.config import Settings
 from app.engine.engine import OnnxEngine
-from app.engine.instant import load_engine
 from app.metrics import Metrics
-from app.service import Detector
+from app.registry import ModelRegistry
 
 log = logging.getLogger("dfine")
 
 
 async def _load(state: AppState, engine: OnnxEngine | None) -> None:
-    """Load (unless given), warm up every batch size, then turn ready."""
-    settings = state.settings
-    try:
-        if engine is None:
-            engine = await asyncio.to_thread(load_engine, settings)
-        detector = Detector(engine, settings, state.metrics)
-        started = time.perf_counter()
-        await asyncio.to_thread(detector.warm_up)
-        buckets = engine.buckets
-        log.info("warmed up %s in %.1f s; requests can hold at most %.0f MB "
-                 "(MAX_QUEUE, MAX_UPLOAD_BYTES, MAX_PIXELS)",
-                 f"buckets {','.join(map(str, buckets))}" if buckets
-                 else f"batch sizes 1..{detector.max_batch_size}",
-                 time.perf_counter() - started, detector.memory_bound_bytes / 1e6)
-        info = engine.info
-        state.metrics.model_info.info({
-            "model": info.name, "format": "onnx", "layout": info.layout,
-            "providers": ",".join(info.providers),
-            "input_size": f"{info.input_width}x{info.input_height}"})
-        state.metrics.queue_capacity.set(settings.max_queue)
-        # What startup built (modules, the app, the model's session) lives as long as the
-        # process: frozen, it is no longer scanned by every full garbage collection, which
-        # would otherwise stall the event loop for milliseconds at a time.
-        gc.collect()
-        gc.freeze()
-        detector.start()
-        state.detector = detector
-    except Exception as exc:
-        state.failure = str(exc)
-        log.error("cannot serve the model: %s", exc)
+    """Load (or take ``engine``), warm up every batch size, check, then turn ready; with
+    MODEL_CONTROL=poll, go on watching the repository."""
+    started = time.perf_counter()
+    await state.registry.start(engine)
+    log.info("started in %.1f s: %s", time.perf_counter() - started, ", ".join(
+        f"{d.name} version {d.version}" for d in state.registry.detectors()) or "no model")
+    # What startup built (modules, the app, the first models' sessions) lives long: frozen,
+    # it is no longer scanned by every full garbage collection, which would otherwise stall
+    # the event loop for milliseconds at a time. (A version unloaded later is still freed:
+    # its engine gives its sessions back explicitly.)
+    gc.collect()
+    gc.freeze()
+    if state.settings.model_control == "poll":
+        await state.registry.poll_forever()
 
 
 def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
-    """An app serving ``settings.model_path`` (or an already loaded ``engine``).
+    """An app serving the model repository (MODEL_REPOSITORY), ``settings.model_path``, or
+    an already loaded ``engine``.
 
-    The model loads and warms up in the background after startup: /healthz answers at once,
-    /readyz turns 200 when the model is ready.
+    The models load and warm up in the background after startup: /healthz answers at once,
+    /readyz turns 200 when every model is ready.
     """
     metrics = Metrics()
-    state = AppState(settings=settings, metrics=metrics)
+    state = AppState(settings=settings, metrics=metrics,
+                     registry=ModelRegistry(settings, metrics))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,9 +64,10 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
         yield
         state.draining = True
         loading.cancel()
-        if state.detector is not None:
-            await state.detector.drain(settings.request_timeout_s)
-            await state.detector.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+        await state.registry.drain(settings.request_timeout_s)
+        await state.registry.stop()
 
     app = FastAPI(
         title="dfine-serve",
@@ -96,6 +83,7 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
     install_error_handlers(app, metrics)
     app.include_router(router)
     app.include_router(v2_router)
+    app.include_router(repository_router)
     app.include_router(pages)
     app.mount("/static/swagger", StaticFiles(directory=STATIC / "swagger"), name="swagger")
 

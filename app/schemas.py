@@ -37,6 +37,7 @@ class Timing(BaseModel):
 
 class DetectResponse(BaseModel):
     model: str = Field(examples=["dfine_n_shapes"])
+    version: int = Field(examples=[1], description="the model version that answered")
     image: ImageSize
     detections: list[DetectionOut] = Field(description="sorted by score, descending")
     timing_ms: Timing
@@ -58,6 +59,7 @@ class BatchItemError(BaseModel):
 
 class BatchResponse(BaseModel):
     model: str
+    version: int
     results: list[DetectResponse | BatchItemError] = Field(
         description="one per image, in the order sent: its detections, or its own error")
 
@@ -101,8 +103,18 @@ class EngineInfo(BaseModel):
     instant: bool = Field(False, description="INSTANT_ENGINE (benchmarks only): no model runs")
 
 
+class LoadedModel(BaseModel):
+    name: str
+    version: int
+    default: bool = Field(description="requests that name no model go to this model")
+    input_size: ImageSize
+    classes: list[str] | None
+    providers: list[str]
+
+
 class ModelResponse(BaseModel):
     name: str
+    version: int
     path: str = Field(description="the model file's name (not where it lies on the server)")
     format: str = Field(examples=["onnx"])
     layout: str = Field(examples=["official"], description="official or raw_head")
@@ -113,3 +125,5 @@ class ModelResponse(BaseModel):
     classes: list[str] | None = Field(description="class names by class_id; null if unnamed")
     batching: BatchingInfo
     engine: EngineInfo
+    models: list[LoadedModel] = Field(
+        description="every model version loaded (newest version of a model: its default)")

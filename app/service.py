@@ -21,7 +21,7 @@ from app.engine.engine import OnnxEngine
 from app.errors import NotReady, Overloaded
 from app.exact import bgr, open_rgb, prepare_exact
 from app.imaging import PreparedImage, decode, prepare
-from app.metrics import Metrics
+from app.metrics import VersionMetrics
 from app.orientation import OrientationMode
 from app.postprocess import Detection, original_boxes, select
 from app.render import ImageFormat, draw
@@ -73,10 +73,15 @@ class DetectResult:
 
 
 class Detector:
-    def __init__(self, engine: OnnxEngine, settings: Settings, metrics: Metrics) -> None:
+    """One model version served: its engine, its batcher, its own admission places."""
+
+    def __init__(self, engine: OnnxEngine, settings: Settings, metrics: VersionMetrics,
+                 version: int = 1) -> None:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self.name = engine.info.name
+        self.version = version
         self.max_batch_size = engine.parallel.max_batch_size
         self.decode_workers = engine.parallel.decode_workers
         self._decode_pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
@@ -105,17 +110,17 @@ class Detector:
 
     @property
     def memory_bound_bytes(self) -> int:
-        """The most that requests can hold at once, runtime and model aside: every admitted
-        request's upload, a full decode (and its resized copy) in each decode worker, a
-        model-ready tensor for every admitted image, the slow uploads that gave their place
-        back, and each render's decoded, drawn and encoded image. A decode worker also holds
-        a copy of its upload (a /v2 image is a view into its body until then)."""
+        """The most that this version's requests can hold at once, runtime and model aside:
+        every admitted request's upload, a full decode (and its resized copy) in each decode
+        worker, a model-ready tensor for every admitted image, and each render's decoded,
+        drawn and encoded image. A decode worker also holds a copy of its upload (a /v2 image
+        is a view into its body until then). The slow uploads that gave their place back are
+        the service's, counted once (``app.registry``)."""
         info, settings = self.engine.info, self.settings
         tensor = 3 * info.input_width * info.input_height * 4
         decoding = settings.max_pixels * 3 + info.input_width * info.input_height * 3
         return (self.max_admitted * (settings.max_upload_bytes + tensor)
                 + self.decode_workers * (settings.max_upload_bytes + decoding)
-                + settings.max_slow_uploads * settings.max_upload_bytes
                 + settings.max_renders * 3 * settings.max_pixels * 3)
 
     def start(self) -> None:

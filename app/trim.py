@@ -19,7 +19,7 @@ from collections.abc import Callable
 MIN_INTERVAL_S = 1.0
 
 
-def _libc_trim() -> Callable[[], None] | None:
+def libc_trim() -> Callable[[], None] | None:
     name = ctypes.util.find_library("c")
     try:
         trim = ctypes.CDLL(name).malloc_trim if name else None
@@ -33,7 +33,7 @@ def _libc_trim() -> Callable[[], None] | None:
 
 class IdleTrimmer:
     def __init__(self, trim: Callable[[], None] | None = None) -> None:
-        self._trim = trim if trim is not None else _libc_trim()
+        self._trim = trim if trim is not None else libc_trim()
         self._last = float("-inf")
         self._pending: asyncio.TimerHandle | None = None
         self._running = False

@@ -38,9 +38,12 @@ def _save(graph: onnx.GraphProto, path: Path, metadata: dict[str, str] | None) -
 
 def official(path: Path, batch: int | str = "N", labels: list[str] | None = None,
              faulty: bool = False, input_size: int = INPUT,
-             metadata: dict[str, str] | None = None, num_classes: int | None = None) -> Path:
+             metadata: dict[str, str] | None = None, num_classes: int | None = None,
+             scores: np.ndarray = SCORES) -> Path:
     """Official layout: images, orig_target_sizes -> labels, boxes, scores (K = 2).
 
+    ``scores``: what it answers for every image (NaN ones make a model that loads but
+    answers nonsense).
     ``num_classes``: labels computed as the official postprocessor does,
     ``index - index // C * C`` with C a constant, so the graph tells its class count."""
     nodes = [
@@ -50,7 +53,7 @@ def official(path: Path, batch: int | str = "N", labels: list[str] | None = None
         helper.make_node("Mul", ["mean", "zero"], ["zeros"]),
         _const("one_axis", np.asarray([1], np.int64)),
         helper.make_node("Unsqueeze", ["zeros", "one_axis"], ["zeros_n1"]),  # (N, 1)
-        _const("scores_c", SCORES),
+        _const("scores_c", np.asarray(scores, np.float32)),
         helper.make_node("Add", ["zeros_n1", "scores_c"], ["scores"]),
         _const("labels_c", LABELS),
         helper.make_node("Cast", ["zeros_n1"], ["zeros_i"], to=TensorProto.INT64),

@@ -16,6 +16,7 @@ again, or gets 503 like any request when there is none.
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import parse_qs
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,8 +37,34 @@ _REFUSAL = _refusal(orjson.dumps({"error": {"code": Overloaded.code,
 _V2_REFUSAL = _refusal(orjson.dumps({"error": Overloaded.message}))  # the protocol's form
 
 
+INVALID = -1  # a version that is not a positive integer: the route says so
+
+
 def _is_infer(path: str) -> bool:
     return path.startswith("/v2/models/") and path.endswith("/infer")
+
+
+def _version(text: str | None) -> int | None:
+    if text is None or text == "":
+        return None
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 \
+        and int(text) > 0 else INVALID
+
+
+def target(scope: Scope, path: str) -> tuple[str | None, int | None]:
+    """The model and version a detection names: ``model`` and ``version`` in the query of
+    /detect*, or the path of /v2/models/<name>[/versions/<v>]/infer (as the routes read
+    them); version INVALID if it is not a positive integer."""
+    if _is_infer(path):
+        parts = path.split("/")  # "", "v2", "models", name, [versions, v,] infer
+        if len(parts) == 5:
+            return parts[3], None
+        if len(parts) == 7 and parts[4] == "versions":
+            return parts[3], _version(parts[5])
+        return None, INVALID
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    names, versions = query.get("model", []), query.get("version", [])
+    return (names[-1] or None if names else None), _version(versions[-1] if versions else None)
 
 
 class AdmissionGate:
@@ -55,12 +82,16 @@ class AdmissionGate:
         self.slow_bytes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        detector = self.state.detector
         path = scope.get("path", "")
-        if (scope["type"] != "http" or scope["method"] != "POST"
-                or (path not in DETECT_PATHS and not _is_infer(path)) or detector is None
-                or not detector.accepting):
-            await self.app(scope, receive, send)  # the routes answer not_ready themselves
+        detector = None
+        if (scope["type"] == "http" and scope["method"] == "POST"
+                and (path in DETECT_PATHS or _is_infer(path))):
+            name, version = target(scope, path)
+            if version != INVALID:
+                detector = self.state.registry.find(name, version)
+        if detector is None or not detector.accepting:
+            # Not a detection, or nothing to run it on: the routes answer why themselves.
+            await self.app(scope, receive, send)
             return
         images = self._images(scope, path)
         try:
@@ -71,7 +102,8 @@ class AdmissionGate:
             await send({"type": "http.response.start", "status": 503, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
-        scope.setdefault("state", {}).update(admitted=True, places=images)
+        # The route runs on this version (app.api.deps.admitted), where its places are held.
+        scope.setdefault("state", {}).update(admitted=True, places=images, detector=detector)
         upload = _Upload(self, detector, images, receive)
         try:
             await self.app(scope, upload.receive, send)

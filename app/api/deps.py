@@ -15,27 +15,33 @@ from fastapi import Depends, Query, Request
 from app.config import Settings
 from app.errors import InvalidRequest, NotReady, Unauthorized
 from app.metrics import Metrics
+from app.model_repository import MAX_VERSION
 from app.orientation import OrientationMode
+from app.registry import ModelRegistry
 from app.service import Detector, DetectParams
 
 
 @dataclass
 class AppState:
-    """What the routes need; built by ``create_app``, filled in by the lifespan."""
+    """What the routes need; built by ``create_app``, the registry filled by the lifespan."""
 
     settings: Settings
     metrics: Metrics
-    detector: Detector | None = None
+    registry: ModelRegistry
     draining: bool = False
-    failure: str | None = None  # why the model could not be loaded or warmed up
 
     @property
     def ready(self) -> bool:
-        return self.detector is not None and not self.draining and not self.engine_hung
+        return self.registry.ready and not self.draining
 
     @property
     def engine_hung(self) -> bool:
-        return self.detector is not None and self.detector.batcher.hung_runs > 0
+        return self.registry.hung
+
+    @property
+    def failure(self) -> str | None:
+        """Why the start could not serve every model."""
+        return self.registry.failure
 
 
 async def get_state(request: Request) -> AppState:
@@ -44,19 +50,58 @@ async def get_state(request: Request) -> AppState:
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
+MAX_NAME_CHARS = 128
 
 
-async def get_detector(request: Request, state: StateDep) -> Detector:
-    # A hung engine run does not stop the others: requests are still served (readiness tells
-    # the load balancer to go elsewhere meanwhile). While draining, a request the admission
-    # gate let in before the signal is finished; any other is refused.
-    admitted = request.scope.get("state", {}).get("admitted", False)
-    if state.detector is None or (state.draining and not admitted):
+def bind(request: Request, detector: Detector) -> Detector:
+    """Note which model version answers (the metrics' and the access log's labels)."""
+    scope_state = request.scope.setdefault("state", {})
+    scope_state["model"], scope_state["version"] = detector.name, str(detector.version)
+    return detector
+
+
+def admitted(request: Request, state: AppState, name: str | None, version: int | None
+             ) -> Detector:
+    """The version the admission gate routed this request to and holds its places on: it
+    finishes there even if a newer version takes over meanwhile. A request the gate did not
+    admit gets the reason (unknown model 404, loading 503, no model named 422), or 503 if a
+    version turned ready between the gate and here."""
+    detector: Detector | None = request.scope.get("state", {}).get("detector")
+    if detector is not None:
+        return bind(request, detector)
+    if state.draining:
         raise NotReady()
-    return state.detector
+    state.registry.resolve(name, version)
+    raise NotReady()
+
+
+async def get_detector(
+    request: Request, state: StateDep,
+    model: Annotated[str | None, Query(
+        max_length=MAX_NAME_CHARS,
+        description="the model to run (default: DEFAULT_MODEL, or the only one)")] = None,
+    version: Annotated[int | None, Query(
+        ge=1, le=MAX_VERSION, description="its version (default: the newest loaded)")] = None,
+) -> Detector:
+    return admitted(request, state, model or None, version)
 
 
 DetectorDep = Annotated[Detector, Depends(get_detector)]
+
+
+async def get_model(
+    request: Request, state: StateDep,
+    model: Annotated[str | None, Query(
+        max_length=MAX_NAME_CHARS, description="which model (default: the default one)")
+    ] = None,
+    version: Annotated[int | None, Query(
+        ge=1, le=MAX_VERSION, description="its version (default: the newest loaded)")] = None,
+) -> Detector:
+    """A loaded model version, for what reads it without running it (/model)."""
+    return bind(request, state.registry.resolve(model or None, version))
+
+
+ModelDep = Annotated[Detector, Depends(get_model)]
 
 
 async def require_api_key(request: Request, state: StateDep) -> None:
@@ -99,7 +144,7 @@ def _class_ids(text: str | None, names: list[str] | None) -> frozenset[int] | No
 
 
 async def detect_params(
-    state: StateDep,
+    detector: DetectorDep,
     score_threshold: Annotated[float | None, Query(
         ge=0, le=1, description="drop detections below this score (default: setting)")] = None,
     max_detections: Annotated[int | None, Query(
@@ -117,8 +162,9 @@ async def detect_params(
                     "stored: pixels as stored, as the official pipeline (default: setting "
                     "ORIENTATION, exif)")] = None,
 ) -> DetectParams:
-    settings = state.settings
-    names = state.detector.engine.info.labels if state.detector else None
+    # The model's own settings (its settings.json over the service's).
+    settings = detector.settings
+    names = detector.engine.info.labels
     return DetectParams(
         score_threshold=settings.score_threshold if score_threshold is None else score_threshold,
         max_detections=settings.max_detections if max_detections is None else max_detections,

@@ -84,15 +84,20 @@ def _error(description: str) -> dict[str, Any]:
 DETECT_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error("invalid_image: the bytes do not decode as an image"),
     401: _error("unauthorized: API key configured and missing or wrong"),
+    404: _error("not_found: the model or version asked for is not loaded"),
     408: _error("request_timeout: the upload stalled for longer than READ_TIMEOUT_S"),
     413: _error("payload_too_large (upload over the byte limit) or image_too_large "
                 "(decoded pixels over the limit)"),
     415: _error("unsupported_media_type: neither multipart, an image body nor JSON; or an "
                 "image format that is not accepted"),
-    422: _error("invalid_request: missing part, bad query values"),
+    422: _error("invalid_request: missing part, bad query values, several models served and "
+                "none named"),
     500: _error("internal: the engine failed; the service stays up"),
     503: _error("overloaded (queue full, with Retry-After) or not_ready (loading, draining)"),
     504: _error("timeout: the request's deadline passed before its batch ran"),
 }
 NOT_READY: dict[int | str, dict[str, Any]] = {503: _error("not_ready")}
+MODEL_LOOKUP: dict[int | str, dict[str, Any]] = {
+    **NOT_READY, 404: _error("not_found: that model or version is not loaded"),
+    422: _error("invalid_request: several models and none named, or a bad version")}
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: DETECT_ERRORS[401]}

@@ -63,8 +63,11 @@ class RequestObserver:
         finally:
             elapsed = time.perf_counter() - started
             endpoint = endpoint_of(scope, self.known_paths)
-            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-            self.metrics.request_duration.labels(endpoint=endpoint).observe(elapsed)
+            # The model version that answered (app.api.deps.bind); empty for the others.
+            model = scope["state"].get("model", "")
+            version = scope["state"].get("version", "")
+            self.metrics.requests.labels(endpoint, str(status), model, version).inc()
+            self.metrics.request_duration.labels(endpoint, model, version).observe(elapsed)
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client") or ("-", 0)
                 access_log.info(
@@ -73,4 +76,5 @@ class RequestObserver:
                     extra={"request_id": request_id.decode(), "method": scope["method"],
                            "path": scope["path"], "status": status,
                            "latency_ms": round(elapsed * 1000, 2), "client": client[0],
-                           "batch_size": scope["state"].get("batch_size")})
+                           "batch_size": scope["state"].get("batch_size"),
+                           "model": model or None, "version": version or None})

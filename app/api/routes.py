@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.api.deps import DetectorDep, ParamsDep, StateDep, require_api_key
-from app.api.errors import AUTH_ERRORS, DETECT_ERRORS, NOT_READY
+from app.api.deps import DetectorDep, ModelDep, ParamsDep, StateDep, require_api_key
+from app.api.errors import AUTH_ERRORS, DETECT_ERRORS, MODEL_LOOKUP, NOT_READY
 from app.api.uploads import read_image, read_images
 from app.errors import ClientClosed, ServiceError
 from app.render import negotiate
@@ -23,10 +23,11 @@ from app.schemas import (
     DetectResponse,
     EngineInfo,
     ImageSize,
+    LoadedModel,
     ModelResponse,
     Status,
 )
-from app.service import DetectResult
+from app.service import Detector, DetectResult
 
 T = TypeVar("T")
 
@@ -108,11 +109,12 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
-def _result_body(model: str, result: DetectResult) -> dict[str, Any]:
+def _result_body(detector: Detector, result: DetectResult) -> dict[str, Any]:
     """The DetectResponse schema's JSON, built directly: pydantic validation of our own output
     is measurable per request, and the schema still documents it in OpenAPI."""
     return {
-        "model": model,
+        "model": detector.name,
+        "version": detector.version,
         "image": {"width": result.width, "height": result.height},
         "detections": [
             {"label": d.label, "class_id": d.class_id, "score": d.score,  # rounded by select
@@ -138,7 +140,7 @@ async def detect(request: Request, detector: DetectorDep, params: ParamsDep) -> 
     upload = read_image(request, detector.settings)
     result = await until_disconnect(request, detector.detect(await upload, params))
     request.state.batch_size = result.batch_size  # for the access log
-    return _json(_result_body(detector.engine.info.name, result))
+    return _json(_result_body(detector, result))
 
 
 @router.post("/detect/batch", response_model=BatchResponse, responses=DETECT_ERRORS,
@@ -157,16 +159,15 @@ async def detect_batch(request: Request, detector: DetectorDep, params: ParamsDe
             return exc
 
     results = await until_disconnect(request, asyncio.gather(*(one(d) for d in images)))
-    name = detector.engine.info.name
     body = []
     for index, result in enumerate(results):
         if isinstance(result, ServiceError):
-            detector.metrics.errors.labels(code=result.code).inc()
+            detector.metrics.root.errors.labels(code=result.code).inc()
             body.append({"index": index, "error": {"code": result.code,
                                                    "message": result.message}})
         else:
-            body.append(_result_body(name, result))
-    return _json({"model": name, "results": body})
+            body.append(_result_body(detector, result))
+    return _json({"model": detector.name, "version": detector.version, "results": body})
 
 
 @router.post("/detect/render", response_class=Response, openapi_extra=IMAGE_BODY,
@@ -247,13 +248,20 @@ async def metrics(state: StateDep) -> Response:
                     media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/model", response_model=ModelResponse, responses={**NOT_READY, **AUTH_ERRORS},
-               summary="The model being served")
-async def model(detector: DetectorDep) -> ModelResponse:
+@router.get("/model", response_model=ModelResponse, responses={**MODEL_LOOKUP, **AUTH_ERRORS},
+            summary="The models being served")
+async def model(detector: ModelDep, state: StateDep) -> ModelResponse:
+    """One model version in full (default: the default model's newest; `model`, `version`
+    pick another), and every version loaded in `models`."""
+    return _describe(detector, state.registry.detectors(), state.registry.default_or_none())
+
+
+def _describe(detector: Detector, loaded: list[Detector], default: str | None
+              ) -> ModelResponse:
     info, settings = detector.engine.info, detector.settings
     return ModelResponse(
-        name=info.name, path=info.path.name, format="onnx", layout=info.layout,
-        providers=info.providers,
+        name=info.name, version=detector.version, path=info.path.name, format="onnx",
+        layout=info.layout, providers=info.providers,
         input_size=ImageSize(width=info.input_width, height=info.input_height),
         fixed_batch=info.fixed_batch, resize=info.resize, classes=info.labels,
         batching=BatchingInfo(
@@ -261,4 +269,10 @@ async def model(detector: DetectorDep) -> ModelResponse:
             max_queue=settings.max_queue, instances=detector.engine.parallel.instances,
             request_timeout_s=settings.request_timeout_s),
         engine=EngineInfo.model_validate(detector.engine.report()),
+        models=[LoadedModel(
+            name=d.name, version=d.version, default=d.name == default,
+            input_size=ImageSize(width=d.engine.info.input_width,
+                                 height=d.engine.info.input_height),
+            classes=d.engine.info.labels, providers=d.engine.info.providers)
+            for d in loaded],
     )

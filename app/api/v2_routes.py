@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
-from app.api.deps import DetectorDep, StateDep, require_api_key
+from app.api.deps import AppState, StateDep, admitted, bind, require_api_key
 from app.api.routes import until_disconnect
 from app.api.uploads import MULTIPART_OVERHEAD_BYTES, read_body
 from app.api.v2_codec import InferRequest, Limits, output, parse_request
@@ -34,7 +34,6 @@ T = TypeVar("T")
 
 router = APIRouter(prefix="/v2", dependencies=[Depends(require_api_key)],
                    tags=["Open Inference Protocol (KServe v2)"])
-VERSION = "1"
 OUTPUTS = ("labels", "boxes", "scores", "names")
 
 
@@ -75,10 +74,17 @@ def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def _model(name: str, detector: Detector) -> None:
-    if name != detector.engine.info.name:
-        raise NotFound(f"unknown model {name!r}; this server serves "
-                       f"{detector.engine.info.name!r}")
+def _version(text: str | None) -> int | None:
+    """A path's version: Triton's are strings; ours positive integers (404 otherwise)."""
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) <= 9 and int(text) > 0):
+        raise NotFound(f"unknown version {text[:32]!r}: versions are positive integers")
+    return int(text)
+
+
+def _loaded(request: Request, state: AppState, name: str, version: str | None) -> Detector:
+    return bind(request, state.registry.resolve(name, _version(version)))
 
 
 @router.get("", summary="Server metadata", responses=AUTH)
@@ -99,12 +105,27 @@ async def ready(state: StateDep) -> Response:
     return Response(status_code=200 if state.ready else 400)
 
 
-@router.get("/models/{name}", summary="Model metadata", responses=MODEL_ERRORS)
-async def model_metadata(name: str, detector: DetectorDep) -> Response:
-    _model(name, detector)
+@router.get("/models/{name}", summary="Model metadata (its newest loaded version)",
+            responses=MODEL_ERRORS)
+async def model_metadata(name: str, request: Request, state: StateDep) -> Response:
+    return _metadata(request, state, name, None)
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model version metadata",
+            responses=MODEL_ERRORS)
+async def version_metadata(name: str, version: str, request: Request, state: StateDep
+                           ) -> Response:
+    return _metadata(request, state, name, version)
+
+
+def _metadata(request: Request, state: AppState, name: str, version: str | None) -> Response:
+    detector = _loaded(request, state, name, version)
     info = detector.engine.info
+    versions = state.registry.versions_of(name)
     return _json({
-        "name": info.name, "versions": [VERSION], "platform": "onnxruntime_onnx",
+        "name": info.name,
+        "versions": [str(v) for v in ([detector.version] if version else versions)],
+        "platform": "onnxruntime_onnx",
         "inputs": [
             {"name": "image", "datatype": "BYTES", "shape": [-1]},
             {"name": "images", "datatype": "FP32",
@@ -124,16 +145,42 @@ async def model_metadata(name: str, detector: DetectorDep) -> Response:
             response_class=Response,
             responses={200: EMPTY, **NOT_READY, **AUTH, 404: MODEL_ERRORS[404]})
 async def model_ready(name: str, state: StateDep) -> Response:
-    detector = state.detector
-    if detector is not None:
-        _model(name, detector)
-    return Response(status_code=200 if state.ready else 400)
+    """400 while it loads or after it is unloaded; 404 for a model the repository lacks."""
+    return _ready(state, name, None)
 
 
-@router.post("/models/{name}/infer", summary="Inference", responses=INFER_ERRORS,
-             openapi_extra=INFER_BODY)
-async def infer(name: str, request: Request, detector: DetectorDep) -> Response:
-    _model(name, detector)
+@router.get("/models/{name}/versions/{version}/ready", response_class=Response,
+            summary="Model version readiness (200 when ready, 400 otherwise)",
+            responses={200: EMPTY, **NOT_READY, **AUTH, 404: MODEL_ERRORS[404]})
+async def version_ready(name: str, version: str, state: StateDep) -> Response:
+    return _ready(state, name, version)
+
+
+def _ready(state: AppState, name: str, version: str | None) -> Response:
+    registry = state.registry
+    if registry.started and not registry.known(name):
+        raise NotFound(f"unknown model {name[:128]!r}")
+    ready = not state.draining and registry.model_ready(name, _version(version))
+    return Response(status_code=200 if ready else 400)
+
+
+@router.post("/models/{name}/infer", summary="Inference (the newest loaded version)",
+             responses=INFER_ERRORS, openapi_extra=INFER_BODY)
+async def infer(name: str, request: Request, state: StateDep) -> Response:
+    return await _infer(request, state, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference (one version)",
+             responses=INFER_ERRORS, openapi_extra=INFER_BODY)
+async def infer_version(name: str, version: str, request: Request, state: StateDep
+                        ) -> Response:
+    return await _infer(request, state, name, version)
+
+
+async def _infer(request: Request, state: AppState, name: str, version: str | None
+                 ) -> Response:
+    # Run by the version the admission gate routed it to: that of the path.
+    detector = admitted(request, state, name, _version(version))
     settings = detector.settings
     header = request.headers.get("inference-header-content-length")
     if header is not None and not (header.isascii() and header.isdigit() and len(header) <= 15):
@@ -159,7 +206,7 @@ async def infer(name: str, request: Request, detector: DetectorDep) -> Response:
     finally:
         if extra > 0:
             detector.release(extra)
-    return _json({"model_name": name, "model_version": VERSION,
+    return _json({"model_name": name, "model_version": str(detector.version),
                   **({"id": parsed.id} if parsed.id is not None else {}),
                   "outputs": _outputs(results, parsed.outputs, detector)})
 

@@ -34,7 +34,7 @@ async def ceiling_loop(settings: Settings, bodies: list[bytes], concurrency: int
     """Closed loop on a Detector built from ``settings``."""
     engine = await asyncio.to_thread(OnnxEngine.load, settings)
     metrics = Metrics()
-    detector = Detector(engine, settings, metrics)
+    detector = Detector(engine, settings, metrics.for_version(engine.info.name, 1))
     await asyncio.to_thread(detector.warm_up)
     detector.start()
     params = DetectParams(settings.score_threshold, settings.max_detections)
@@ -69,7 +69,7 @@ async def ceiling_loop(settings: Settings, bodies: list[bytes], concurrency: int
 async def single_call_ms(settings: Settings, body: bytes, repeats: int = 50) -> float:
     """Median time of one in-process detection of one image on an idle engine."""
     engine = await asyncio.to_thread(OnnxEngine.load, settings)
-    detector = Detector(engine, settings, Metrics())
+    detector = Detector(engine, settings, Metrics().for_version(engine.info.name, 1))
     await asyncio.to_thread(detector.warm_up)
     detector.start()
     params = DetectParams(settings.score_threshold, settings.max_detections)
@@ -107,7 +107,8 @@ def engine_ceiling(settings: Settings, bodies: list[bytes], duration_s: float) -
     for ``duration_s`` in all, with as many runs in flight as the service has instances."""
     engine = OnnxEngine.load(settings)
     engine.warm_up()
-    detector = Detector(engine, settings, Metrics())  # for its decode and resize only
+    # For its decode and resize only.
+    detector = Detector(engine, settings, Metrics().for_version(engine.info.name, 1))
     prepared = [detector.prepare(body) for body in bodies]
     sizes = engine.buckets or tuple(sorted({1, engine.parallel.max_batch_size}))
     instances = engine.parallel.instances

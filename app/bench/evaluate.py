@@ -98,7 +98,7 @@ async def _detect_in_process(target: Target, images: list[tuple[int, bytes]],
     settings = Settings(model_path=target.model, providers=target.providers,
                         **target.overrides)  # type: ignore[arg-type]  # pydantic converts
     engine = await asyncio.to_thread(OnnxEngine.load, settings)
-    detector = Detector(engine, settings, Metrics())
+    detector = Detector(engine, settings, Metrics().for_version(engine.info.name, 1))
     await asyncio.to_thread(detector.warm_up)
     detector.start()
     params = DetectParams(score_threshold=0.0, max_detections=300, clip=settings.clip_boxes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,7 +77,21 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def metric_value(exposition: str, name: str) -> float:
-    """The sum of a metric's samples (over its labels) in a Prometheus exposition text."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
-               if line.startswith((name + " ", name + "{")))
+def _labels(text: str) -> set[str]:
+    return {pair.strip() for pair in re.findall(r'[A-Za-z_][A-Za-z0-9_]*="(?:[^"\\]|\\.)*"',
+                                                text)}
+
+
+def metric_value(exposition: str, selector: str) -> float:
+    """The sum of the samples a selector matches in a Prometheus exposition text, as PromQL
+    would: ``name`` or ``name{label="value",...}``, any other labels allowed."""
+    name, _, wanted = selector.partition("{")
+    want = _labels(wanted)
+    total = 0.0
+    for line in exposition.splitlines():
+        if not line.startswith((name + " ", name + "{")):
+            continue
+        series, value = line.rsplit(" ", 1)
+        if want <= _labels(series[len(name):]):
+            total += float(value)
+    return total

@@ -108,8 +108,11 @@ class OnnxEngine:
         return {size: float(v) for size, v in costs.items() if v is not None}
 
     @classmethod
-    def load(cls, settings: Settings, factory: SessionFactory = open_session) -> OnnxEngine:
-        info = inspect_model(settings.model_path, settings.labels_path)
+    def load(cls, settings: Settings, factory: SessionFactory = open_session,
+             name: str | None = None) -> OnnxEngine:
+        """The engine for ``settings.model_path``, served as ``name`` (default: its stem)."""
+        info = inspect_model(settings.model_path, settings.labels_path, name,
+                             settings.input_size_wh)
         asked = prov.choose_providers(settings.provider_list, ort.get_available_providers())
         if asked != [prov.CPU] and hasattr(ort, "preload_dlls"):
             # onnxruntime-gpu[cuda,cudnn] ships CUDA and cuDNN as pip wheels: load them from
@@ -263,6 +266,19 @@ class OnnxEngine:
                 raise RuntimeError("its replay answers random input unlike a plain run")
         finally:
             plain.close()
+
+    def close(self) -> None:
+        """Give back the sessions (and their memory) and the runners' threads; nothing may
+        run afterwards. onnxruntime frees a session when the last reference goes."""
+        for bucket in self._buckets.values():
+            for runner in bucket.runners:
+                runner.close()
+            bucket.runners.clear()
+            while not bucket.idle.empty():
+                bucket.idle.get()
+        self._buckets.clear()
+        self._remake = None
+        self.session = self.solo_session = None
 
     @property
     def on_gpu(self) -> bool:

@@ -22,8 +22,10 @@ from app.engine.sessions import parallelism
 
 class InstantEngine(OnnxEngine):
     @classmethod
-    def load(cls, settings: Settings, factory: Any = None) -> InstantEngine:
-        info = inspect_model(settings.model_path, settings.labels_path)
+    def load(cls, settings: Settings, factory: Any = None,
+             name: str | None = None) -> InstantEngine:
+        info = inspect_model(settings.model_path, settings.labels_path, name,
+                             settings.input_size_wh)
         # Batching and decode workers as on a GPU, where the front end is the question.
         parallel = parallelism(settings, [prov.CUDA], info.fixed_batch)
         return cls(replace(info, providers=["instant"], providers_asked=["instant"],
@@ -42,6 +44,9 @@ class InstantEngine(OnnxEngine):
         return {**super().report(), "memory_kind": "host", "instant": True}
 
 
-def load_engine(settings: Settings) -> OnnxEngine:
-    """The engine the settings ask for: onnxruntime's, or the instant one of benchmarks."""
-    return InstantEngine.load(settings) if settings.instant_engine else OnnxEngine.load(settings)
+def load_engine(settings: Settings, name: str | None = None) -> OnnxEngine:
+    """The engine the settings ask for: onnxruntime's, or the instant one of benchmarks;
+    served as ``name`` (default: the file's stem)."""
+    if settings.instant_engine:
+        return InstantEngine.load(settings, name=name)
+    return OnnxEngine.load(settings, name=name)

@@ -107,8 +107,11 @@ def load_error(where: object, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"onnxruntime cannot load {where}: {first}")
 
 
-def inspect_model(path: Path, labels_path: Path | None = None) -> ModelInfo:
-    """The model's facts; ``providers`` is left empty for the engine to fill in."""
+def inspect_model(path: Path, labels_path: Path | None = None, name: str | None = None,
+                  input_size: tuple[int, int] | None = None) -> ModelInfo:
+    """The model's facts; ``providers`` is left empty for the engine to fill in. ``name``:
+    what it is served as (default: the file's stem); ``input_size`` (width, height): for an
+    export whose height and width are dynamic."""
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     options = ort.SessionOptions()
@@ -126,6 +129,11 @@ def inspect_model(path: Path, labels_path: Path | None = None) -> ModelInfo:
     batch_dim, _, height_dim, width_dim = image_input.shape
     if isinstance(height_dim, int) and isinstance(width_dim, int):
         width, height = width_dim, height_dim
+        if input_size is not None and input_size != (width, height):
+            raise ModelLoadError(f"input size {input_size[0]}x{input_size[1]} was asked for, "
+                                 f"but {path.name} is exported at {width}x{height} only")
+    elif input_size is not None:
+        width, height = input_size
     elif "dfine.input_size" in metadata:
         width, height = _parse_size(metadata["dfine.input_size"])
     else:
@@ -139,7 +147,7 @@ def inspect_model(path: Path, labels_path: Path | None = None) -> ModelInfo:
     if resize not in ("stretch", "letterbox"):
         raise ModelLoadError(f"model metadata dfine.resize is {resize!r}: stretch/letterbox")
     return ModelInfo(
-        name=path.stem, path=path, layout=layout, input_width=width, input_height=height,
+        name=name or path.stem, path=path, layout=layout, input_width=width, input_height=height,
         fixed_batch=batch_dim if isinstance(batch_dim, int) else None,
         labels=resolve_labels(metadata, labels_path, num_classes), providers=[],
         resize=resize, normalization=_parse_normalization(metadata.get("dfine.normalize")),

@@ -33,7 +33,7 @@ def promtool(*args: str, cwd: Path = PROM, stdin: str | None = None) -> str:
 
 def test_prometheus_config_and_rules_are_valid_and_alerts_unit_tested() -> None:
     promtool("check", "config", "--syntax-only", "prometheus.yml")
-    assert "4 rules found" in promtool("check", "rules", "alerts.yml")
+    assert "5 rules found" in promtool("check", "rules", "alerts.yml")
     promtool("test", "rules", "alerts.test.yml")
 
 
@@ -122,6 +122,22 @@ def test_real_prometheus_scrapes_requests_and_latency(live: Server, workdir: Pat
                     '(dfine_request_duration_seconds_bucket{endpoint="/detect"}))')
         value = float(p50[0]["value"][1])
         assert 0 < value < 10
+        # The dashboard's model selector: its variable's query, then a panel filtered by it.
+        models = {row["metric"]["model"] for row in query("dfine_model_info")}
+        assert models == {"dfine_n_shapes"}
+        dashboard = json.loads(DASHBOARD.read_text())
+        variable = dashboard["templating"]["list"][0]
+        assert variable["name"] == "model" and "dfine_model_info" in variable["definition"]
+        panel = next(p for p in dashboard["panels"] if "request rate" in p["title"].lower())
+        expr = (panel["targets"][0]["expr"].replace("$model", "dfine_n_shapes")
+                .replace("$__rate_interval", "1m"))
+        for _ in range(3):  # increments after the first scrapes, for rate() to see
+            time.sleep(1)
+            httpx.post(f"{live.url}/detect", content=image, timeout=30,
+                       headers={"Content-Type": "image/jpeg"})
+        assert wait_for(query, expr.replace("sum by (status)", "sum"), lambda v: v > 0) > 0
+        other = expr.replace('model=~"dfine_n_shapes"', 'model=~"another"')
+        assert query(other.replace("sum by (status)", "sum")) == []
 
 
 def test_the_autoscaling_query_measures_the_queue_under_load(live: Server,
@@ -132,7 +148,7 @@ def test_the_autoscaling_query_measures_the_queue_under_load(live: Server,
     rule = yaml.safe_load(yaml.safe_load((ROOT / "deploy/k8s/base/prometheus-adapter-rules.yaml")
                                          .read_text())["data"]["config.yaml"])["rules"][0]
     expr = (rule["metricsQuery"].replace("<<.Series>>", "dfine_queue_depth")
-            .replace("<<.LabelMatchers>>", 'job="dfine"'))
+            .replace("<<.LabelMatchers>>", 'job="dfine"').replace("<<.GroupBy>>", "job"))
     image = encode(render_scene(3)[0])
     with prometheus(workdir, live.url.removeprefix("http://")) as query:
         wait_for(query, 'up{job="dfine"}', lambda v: v == 1)
@@ -150,7 +166,7 @@ def test_the_autoscaling_query_measures_the_queue_under_load(live: Server,
         try:
             time.sleep(8)  # several scrapes of a full queue
             value = wait_for(query, expr, lambda v: v > 0)
-            samples = query('dfine_queue_depth{job="dfine"}[1m]')[0]["values"]
+            samples = query('sum(dfine_queue_depth{job="dfine"})[1m:1s]')[0]["values"]
         finally:
             stop.set()
             for thread in threads:

@@ -159,3 +159,38 @@ def test_page_shows_a_turned_photo_upright_with_its_boxes(
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "web-page-orientation-6.png"), full_page=True)
     page.close()
+
+
+def test_the_model_picker_sends_detections_to_the_model_chosen(
+        browser: Browser, tmp_path: Path) -> None:
+    from tests import onnx_models
+    from tests.helpers import DEFAULT_MODEL, run_server
+
+    repository = tmp_path / "repository"
+    (repository / "shapes" / "1").mkdir(parents=True)
+    (repository / "shapes" / "1" / "model.onnx").symlink_to(DEFAULT_MODEL)
+    (repository / "tiny" / "3").mkdir(parents=True)
+    onnx_models.official(repository / "tiny" / "3" / "model.onnx", labels=["bolt", "nut"])
+    image, _ = render_scene(31)
+    path = tmp_path / "scene.png"
+    path.write_bytes(encode(image, ".png"))
+    with run_server(tmp_path, "--model-repository", str(repository),
+                    "--default-model", "shapes") as server:
+        tiny = httpx.post(f"{server.url}/detect?model=tiny&score_threshold=0.5",
+                          content=path.read_bytes(), headers={"Content-Type": "image/png"},
+                          timeout=30).json()["detections"]
+        page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+        page.goto(server.url + "/")
+        page.wait_for_function("document.querySelectorAll('#modelPick option').length == 2",
+                               timeout=20_000)
+        assert page.is_visible("#modelPick")
+        assert page.eval_on_selector("#modelPick", "s => s.value") == "shapes/1"  # the default
+        page.select_option("#modelPick", "tiny/3")
+        assert "64×64" in page.inner_text("#model")
+        page.set_input_files("#file", str(path))
+        page.wait_for_function("window.dfineDrawn.length > 0", timeout=20_000)
+        drawn = page.evaluate("window.dfineDrawn")
+        assert [d["label"] for d in drawn] == ["nut"] == [d["label"] for d in tiny]
+        assert box_iou(tuple(drawn[0]["box"].values()), tuple(tiny[0]["box"].values())) > 0.999
+        assert '"version": 3' in (page.text_content("#raw") or "")
+        page.close()

@@ -68,6 +68,24 @@ def test_open_paths_are_configurable(tmp_path: Path) -> None:
         assert wrong.status_code == 401 and "k" not in wrong.json()["error"]["message"]
 
 
+def test_loading_and_unloading_models_needs_the_api_key(tmp_path: Path) -> None:
+    key = {"X-API-Key": "k"}
+    with run_server(tmp_path, "--api-key", "k", "--model-control", "explicit") as srv:
+        for call in ("index", "models/dfine_n_shapes/unload", "models/dfine_n_shapes/load"):
+            refused = httpx.post(f"{srv.url}/v2/repository/{call}", timeout=30)
+            assert refused.status_code == 401 and "error" in refused.json()
+        assert httpx.post(f"{srv.url}/v2/repository/models/dfine_n_shapes/unload",
+                          headers=key, timeout=30).status_code == 200
+        gone = httpx.post(f"{srv.url}/detect", content=encode(render_scene(1)[0]),
+                          headers={**key, "Content-Type": "image/jpeg"}, timeout=30)
+        assert gone.status_code == 404
+        assert httpx.post(f"{srv.url}/v2/repository/models/dfine_n_shapes/load",
+                          headers=key, timeout=60).status_code == 200
+        again = httpx.post(f"{srv.url}/detect", content=encode(render_scene(1)[0]),
+                           headers={**key, "Content-Type": "image/jpeg"}, timeout=30)
+        assert again.status_code == 200
+
+
 def test_slow_upload_is_cut_off_with_408(tmp_path: Path) -> None:
     with run_server(tmp_path, "--read-timeout-s", "0.5") as srv:
         port = int(srv.url.rsplit(":", 1)[1])
