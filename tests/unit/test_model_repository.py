@@ -4,8 +4,10 @@ the real onnxruntime (no HTTP: app.registry knows none)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +111,15 @@ def test_input_sizes_parse(text: str, size: tuple[int, int]) -> None:
     assert parse_input_size(text) == size
 
 
-async def _registry(root: Path, **overrides: object) -> ModelRegistry:
+@contextlib.asynccontextmanager
+async def _registry(root: Path, **overrides: object) -> AsyncIterator[ModelRegistry]:
+    """A registry started on ``root``, stopped afterwards."""
     registry = ModelRegistry(_settings(root, **overrides), Metrics())
     await registry.start()
-    return registry
+    try:
+        yield registry
+    finally:
+        await registry.stop()
 
 
 async def test_routing_by_name_version_and_default(tmp_path: Path) -> None:
@@ -120,8 +127,7 @@ async def test_routing_by_name_version_and_default(tmp_path: Path) -> None:
     _version(tmp_path, "a", 2)
     _version(tmp_path, "b", 4)
     (tmp_path / "a" / "settings.json").write_text('{"version_policy": {"all": {}}}')
-    registry = await _registry(tmp_path)
-    try:
+    async with _registry(tmp_path) as registry:
         assert registry.ready
         assert (registry.resolve("a").version, registry.resolve("a", 1).version) == (2, 1)
         with pytest.raises(InvalidRequest, match="name a model"):  # two models, no default
@@ -132,15 +138,12 @@ async def test_routing_by_name_version_and_default(tmp_path: Path) -> None:
             registry.resolve("a", 3)
         assert [(s.name, s.version, s.state) for s in registry.index()] == [
             ("a", 1, "READY"), ("a", 2, "READY"), ("b", 4, "READY")]
-    finally:
-        await registry.stop()
 
 
 async def test_a_new_version_replaces_the_old_and_a_broken_one_leaves_it_serving(
         tmp_path: Path) -> None:
     _version(tmp_path, "a", 1)
-    registry = await _registry(tmp_path)
-    try:
+    async with _registry(tmp_path) as registry:
         old = registry.resolve("a")
         _version(tmp_path, "a", 2, scores=np.asarray([[0.8, 0.2]], np.float32))
         await registry.load("a")
@@ -166,15 +169,12 @@ async def test_a_new_version_replaces_the_old_and_a_broken_one_leaves_it_serving
         events = registry.metrics.exposition().decode()
         assert 'dfine_model_events_total{event="load_failed",model="a",version="3"} 2.0' \
             in events or 'model="a",version="3",event="load_failed"} 2.0' in events
-    finally:
-        await registry.stop()
 
 
 async def test_max_loaded_models_refuses_a_load_past_it_but_not_a_swap(tmp_path: Path) -> None:
     _version(tmp_path, "a", 1)
     _version(tmp_path, "b", 1)
-    registry = await _registry(tmp_path, max_loaded_models=2)
-    try:
+    async with _registry(tmp_path, max_loaded_models=2) as registry:
         _version(tmp_path, "c", 1)
         with pytest.raises(Conflict, match="MAX_LOADED_MODELS=2"):
             await registry.load("c")
@@ -188,30 +188,24 @@ async def test_max_loaded_models_refuses_a_load_past_it_but_not_a_swap(tmp_path:
             registry.resolve("b")
         await registry.load("c")
         assert registry.resolve("c").version == 1
-    finally:
-        await registry.stop()
 
 
 async def test_load_and_unload_need_explicit_control(tmp_path: Path) -> None:
     _version(tmp_path, "a", 1)
-    registry = await _registry(tmp_path, model_control="none")
-    try:
+    async with _registry(tmp_path, model_control="none") as registry:
         with pytest.raises(Conflict, match="MODEL_CONTROL=none"):
             await registry.load("a")
         with pytest.raises(Conflict):
             await registry.unload("a")
         assert registry.resolve().version == 1  # the only model is the default
-    finally:
-        await registry.stop()
 
 
 async def test_a_rewritten_version_is_rolled_in_and_a_broken_rewrite_leaves_the_old_file(
         tmp_path: Path) -> None:
     _version(tmp_path, "a", 1)
-    registry = await _registry(tmp_path)
     image = np.zeros((1, 3, onnx_models.INPUT, onnx_models.INPUT), np.float32)
     sizes = np.asarray([[64, 64]], np.int64)
-    try:
+    async with _registry(tmp_path) as registry:
         first = registry.resolve("a")
         fresh = onnx_models.official(tmp_path / "fresh.onnx",
                                      scores=np.asarray([[0.8, 0.2]], np.float32))
@@ -228,5 +222,3 @@ async def test_a_rewritten_version_is_rolled_in_and_a_broken_rewrite_leaves_the_
         assert registry.resolve("a") is second
         (status,) = registry.index()
         assert status.state == "READY" and "rewritten file failed to load" in status.reason
-    finally:
-        await registry.stop()
