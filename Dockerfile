@@ -45,12 +45,14 @@ COPY --chown=dfine:dfine docker/healthcheck.py /app/docker/healthcheck.py
 # TensorRT engine cache on a volume so a restart does not rebuild it.
 ENV DFINE_HOST=0.0.0.0 \
     DFINE_PORT=8000 \
+    DFINE_GRPC_PORT=8001 \
     DFINE_MODEL_PATH=/app/models/dfine_n_shapes.onnx \
     DFINE_TRT_CACHE_DIR=/cache/trt
 RUN mkdir -p /cache/trt && chown dfine:dfine /cache/trt
 VOLUME ["/cache/trt"]
 USER 10001:10001
-EXPOSE 8000
+# HTTP (the API, the Open Inference Protocol's REST form, /metrics) and gRPC.
+EXPOSE 8000 8001
 # Warm-up (a TensorRT engine build, the first time) can take minutes: a long start period.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
   CMD ["python", "/app/docker/healthcheck.py"]

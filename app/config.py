@@ -142,6 +142,12 @@ class Settings(BaseSettings):
         "detections, to measure what the front end (HTTP, decode, batching) carries alone")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC (and the "
+        "gRPC health service) on this port; 0: off")
+    grpc_max_inflight: int = Field(
+        16, ge=1, le=1024, description="gRPC calls in progress at once, at most (each may hold "
+        "a whole message); more get RESOURCE_EXHAUSTED")
     log_level: LogLevel = Field("info", description="log level")
     log_format: LogFormat = Field(
         "text", description="text, or json: one JSON object a line, access log included")

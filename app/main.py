@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from app.api.admission import DETECT_PATHS, AdmissionGate
 from app.api.deps import AppState
 from app.api.errors import install_error_handlers
+from app.api.grpc_service import GrpcServer
 from app.api.head import HeadAsGet
 from app.api.observe import RequestObserver
 from app.api.repository_routes import router as repository_router
@@ -60,6 +61,10 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        grpc_server = GrpcServer(state) if settings.grpc_port else None
+        if grpc_server is not None:
+            await grpc_server.start()
+            app.state.grpc_port = grpc_server.port
         loading = asyncio.create_task(_load(state, engine))
         yield
         state.draining = True
@@ -67,6 +72,8 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
         with contextlib.suppress(asyncio.CancelledError):
             await loading
         await state.registry.drain(settings.request_timeout_s)
+        if grpc_server is not None:
+            await grpc_server.stop(grace_s=5)
         await state.registry.stop()
 
     app = FastAPI(

@@ -191,11 +191,14 @@ class ModelRegistry:
 
     @property
     def memory_bound_bytes(self) -> int:
-        """What requests may hold at once across every loaded version, and the slow uploads
-        (README "Memory")."""
+        """What requests may hold at once across every loaded version, the slow uploads, and
+        the gRPC messages being read (README "Memory")."""
         settings = self.settings
+        # gRPC reads a whole message before its call runs: each call in flight may hold one.
+        grpc_messages = settings.grpc_max_inflight * settings.max_batch_images \
+            * settings.max_upload_bytes if settings.grpc_port else 0
         return (sum(d.memory_bound_bytes for d in self.detectors())
-                + settings.max_slow_uploads * settings.max_upload_bytes)
+                + settings.max_slow_uploads * settings.max_upload_bytes + grpc_messages)
 
     # --- changes -------------------------------------------------------------------------
 

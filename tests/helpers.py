@@ -91,6 +91,7 @@ def run_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("DFINE_")}
+    environment["DFINE_GRPC_PORT"] = "0"  # off unless a test asks (flags win): no port clash
     environment.update(env or {})
     with log_path.open("wb") as log:
         process = subprocess.Popen(

@@ -5,7 +5,10 @@ Inputs come as JSON (``data``: a flat, row-major list) or in the binary tensor e
 (the JSON header's length in ``Inference-Header-Content-Length``, then each input's raw bytes
 in order, sized by its ``binary_data_size`` parameter), which is what tritonclient sends by
 default. A BYTES element is, in binary, a 4-byte little-endian length and the bytes; in JSON, a
-string holding the bytes in base64 (JSON cannot hold raw image bytes). Responses are JSON.
+string holding the bytes in base64 (JSON cannot hold raw image bytes). Outputs are answered
+in JSON, or in the binary extension where the request asks for it: ``binary_data`` in an
+output's parameters, or ``binary_data_output`` in the request's (tritonclient's
+``InferRequestedOutput(name, binary_data=True)``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import base64
 import binascii
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +43,11 @@ class InferRequest:
     id: str | None
     inputs: dict[str, Tensor]
     outputs: list[str] | None  # names asked for; None: all
+    binary: dict[str, bool] = field(default_factory=dict)  # an output's own binary_data
+    binary_default: bool = False  # the request's binary_data_output
+
+    def wants_binary(self, output: str) -> bool:
+        return self.binary.get(output, self.binary_default)
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ def parse_request(body: bytes | bytearray, header_length: int | None, limits: Li
         raise InvalidRequest("Inference-Header-Content-Length is not within the body")
     view = memoryview(body)
     header = body if header_length is None else bytes(view[:header_length])
-    binary = view[len(header):]
+    payload = view[len(header):]
     _bound_json(header, limits)
     try:
         document = orjson.loads(header)
@@ -77,15 +85,20 @@ def parse_request(body: bytes | bytearray, header_length: int | None, limits: Li
     inputs: dict[str, Tensor] = {}
     offset = 0
     for spec in document["inputs"]:
-        tensor, used = _input(spec, binary, offset, limits)
+        tensor, used = _input(spec, payload, offset, limits)
         inputs[tensor.name] = tensor
         offset += used
-    if offset != len(binary):
+    if offset != len(payload):
         raise InvalidRequest("the binary data does not match the inputs' binary_data_size")
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequest("'id' must be a string")
-    return InferRequest(request_id, inputs, _requested_outputs(document.get("outputs")))
+    names, binary = _requested_outputs(document.get("outputs"))
+    parameters = document.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidRequest("'parameters' must be an object")
+    return InferRequest(request_id, inputs, names, binary,
+                        _flag(parameters, "binary_data_output", "the request"))
 
 
 def _bound_json(text: bytes | bytearray, limits: Limits) -> None:
@@ -100,13 +113,29 @@ def _bound_json(text: bytes | bytearray, limits: Limits) -> None:
                              f"({limits.max_elements} values at most)")
 
 
-def _requested_outputs(wanted: Any) -> list[str] | None:
+def _flag(parameters: dict[str, Any], name: str, where: str) -> bool:
+    value = parameters.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{where}: parameter {name} must be true or false")
+    return value
+
+
+def _requested_outputs(wanted: Any) -> tuple[list[str] | None, dict[str, bool]]:
+    """The outputs asked for (None: all), and those that say whether they want binary."""
     if wanted is None or wanted == []:
-        return None
+        return None, {}
     if not isinstance(wanted, list) or not all(
             isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted):
         raise InvalidRequest("'outputs' must be a list of objects with a 'name' string")
-    return [o["name"] for o in wanted]
+    binary = {}
+    for spec in wanted:
+        parameters = spec.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidRequest(f"output {spec['name'][:64]}: 'parameters' must be an object")
+        if "binary_data" in parameters:
+            binary[spec["name"]] = _flag(parameters, "binary_data",
+                                         f"output {spec['name'][:64]}")
+    return [o["name"] for o in wanted], binary
 
 
 def _input(spec: Any, binary: memoryview, offset: int, limits: Limits) -> tuple[Tensor, int]:
@@ -131,7 +160,7 @@ def _input(spec: Any, binary: memoryview, offset: int, limits: Limits) -> tuple[
                 or offset + size > len(binary)):
             raise InvalidRequest(f"input {name}: binary_data_size runs past the body")
         raw = binary[offset:offset + size]
-        value: np.ndarray | list[memoryview] = (_bytes_elements(raw, name, limits)
+        value: np.ndarray | list[memoryview] = (bytes_elements(raw, name, limits)
                                            if datatype == "BYTES"
                                            else _numeric(raw, datatype, name))
         used = size
@@ -173,7 +202,7 @@ def _json_numeric(data: list[Any], datatype: str, name: str) -> np.ndarray:
                              ) from None
 
 
-def _bytes_elements(raw: memoryview, name: str, limits: Limits) -> list[memoryview]:
+def bytes_elements(raw: memoryview, name: str, limits: Limits) -> list[memoryview]:
     """The elements of the binary extension's BYTES table (4-byte length, then the bytes),
     refused as soon as there are more than the model takes or one is over the size limit.
     Views into the body, not copies: the body is held once, for the places it was admitted
@@ -213,13 +242,3 @@ def _json_bytes(data: list[Any], name: str, limits: Limits) -> list[memoryview]:
             raise InvalidRequest(f"input {name}: BYTES in JSON must be base64 strings"
                                  ) from None
     return elements
-
-
-def output(name: str, value: np.ndarray | list[list[str]], datatype: str) -> dict[str, Any]:
-    """One output tensor in JSON: shape and flat, row-major data."""
-    if isinstance(value, np.ndarray):
-        return {"name": name, "datatype": datatype, "shape": list(value.shape),
-                "data": value.reshape(-1).tolist()}
-    shape = [len(value), len(value[0]) if value else 0]
-    return {"name": name, "datatype": datatype, "shape": shape,
-            "data": [item for row in value for item in row]}

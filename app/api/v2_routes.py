@@ -1,34 +1,31 @@
 """The Open Inference Protocol (KServe v2 / Triton) over HTTP, beside the service's own API:
 the same detector, batcher, limits, API key and metrics. Errors take the protocol's form,
-``{"error": "<message>"}`` (app.api.errors).
-
-Inputs: BYTES, the encoded image files (what Triton ensemble and DALI clients send), shape [N]
-or [N, 1]; or FP32 ``images`` [N, 3, H, W] already preprocessed as the official pipeline does,
-with INT64 ``orig_target_sizes`` [N, 2] (width, height; default: the input size). Outputs, in the
-official export's layout: ``labels`` INT64 [N, K], ``boxes`` FP32 [N, K, 4] (original pixels,
-unclipped), ``scores`` FP32 [N, K], and ``names`` BYTES [N, K], the labels' class names.
+``{"error": "<message>"}`` (app.api.errors). What the inputs and outputs are:
+app.api.v2_inference.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
+from app.api import v2_inference
 from app.api.deps import AppState, StateDep, admitted, bind, require_api_key
 from app.api.routes import until_disconnect
 from app.api.uploads import MULTIPART_OVERHEAD_BYTES, read_body
-from app.api.v2_codec import InferRequest, Limits, output, parse_request
+from app.api.v2_codec import parse_request
+from app.api.v2_inference import (
+    all_or_none,
+    check_outputs,
+    jobs,
+    limits_for,
+    result_tensors,
+)
 from app.errors import InvalidRequest, NotFound
-from app.imaging import MAX_SIDE as MAX_TARGET_SIDE
-from app.imaging import PreparedImage
-from app.labels import label_name
-from app.service import Detector, Official
+from app.service import Detector
 
 T = TypeVar("T")
 
@@ -120,25 +117,8 @@ async def version_metadata(name: str, version: str, request: Request, state: Sta
 
 def _metadata(request: Request, state: AppState, name: str, version: str | None) -> Response:
     detector = _loaded(request, state, name, version)
-    info = detector.engine.info
-    versions = state.registry.versions_of(name)
-    return _json({
-        "name": info.name,
-        "versions": [str(v) for v in ([detector.version] if version else versions)],
-        "platform": "onnxruntime_onnx",
-        "inputs": [
-            {"name": "image", "datatype": "BYTES", "shape": [-1]},
-            {"name": "images", "datatype": "FP32",
-             "shape": [-1, 3, info.input_height, info.input_width]},
-            {"name": "orig_target_sizes", "datatype": "INT64", "shape": [-1, 2]},
-        ],
-        "outputs": [
-            {"name": "labels", "datatype": "INT64", "shape": [-1, -1]},
-            {"name": "boxes", "datatype": "FP32", "shape": [-1, -1, 4]},
-            {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
-            {"name": "names", "datatype": "BYTES", "shape": [-1, -1]},
-        ],
-    })
+    return _json(v2_inference.model_metadata(detector, [detector.version] if version
+                                else state.registry.versions_of(name)))
 
 
 @router.get("/models/{name}/ready", summary="Model readiness (200 when ready, 400 otherwise)",
@@ -187,16 +167,13 @@ async def _infer(request: Request, state: AppState, name: str, version: str | No
         raise InvalidRequest("Inference-Header-Content-Length must be a number of bytes")
     limit = settings.max_batch_images * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     body = await read_body(request, settings, limit)
-    info = detector.engine.info
-    images = settings.max_batch_images
-    limits = Limits(images, settings.max_upload_bytes,
-                    images * (3 * info.input_width * info.input_height + 2))
     # Off the event loop: what is left of parsing after the bounds is still Python work.
     parsed = await asyncio.to_thread(parse_request, body,
-                                     int(header) if header is not None else None, limits)
+                                     int(header) if header is not None else None,
+                                     limits_for(detector))
     del body
-    _check_outputs(parsed.outputs)
-    work = await asyncio.to_thread(_work, parsed, detector)
+    check_outputs(parsed.outputs)
+    work = await asyncio.to_thread(jobs, parsed, detector)
     # The admission gate held places for what the body's size suggested: take the rest now.
     extra = len(work) - request.scope.get("state", {}).get("places", len(work))
     if extra > 0:
@@ -206,79 +183,22 @@ async def _infer(request: Request, state: AppState, name: str, version: str | No
     finally:
         if extra > 0:
             detector.release(extra)
-    return _json({"model_name": name, "model_version": str(detector.version),
-                  **({"id": parsed.id} if parsed.id is not None else {}),
-                  "outputs": _outputs(results, parsed.outputs, detector)})
-
-
-async def all_or_none(jobs: Iterable[Awaitable[T]]) -> list[T]:
-    """Every job's result; when one fails, the others are cancelled (a decode not started yet
-    never starts) and waited for, so that their places are held until they are gone, and the
-    first failure is raised."""
-    tasks = [asyncio.ensure_future(job) for job in jobs]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-def _check_outputs(wanted: list[str] | None) -> None:
-    unknown = set(wanted or ()) - set(OUTPUTS)
-    if unknown:
-        raise InvalidRequest(f"unknown output(s) {sorted(unknown)}; outputs: {list(OUTPUTS)}")
-
-
-def _work(parsed: InferRequest, detector: Detector
-          ) -> list[Callable[[], Coroutine[Any, Any, Official]]]:
-    """One engine submission per image (started later), from encoded files or from
-    preprocessed tensors."""
-    limit = detector.settings.max_batch_images
-    files = [t for t in parsed.inputs.values() if t.datatype == "BYTES"]
-    if files:
-        images = files[0].value
-        assert isinstance(images, list)
-        if not 0 < len(images) <= limit:
-            raise InvalidRequest(f"send 1 to {limit} images; got {len(images)}")
-        return [functools.partial(detector.infer, data=data) for data in images]
-    tensor = parsed.inputs.get("images")
-    info = detector.engine.info
-    if tensor is None or tensor.datatype != "FP32":
-        raise InvalidRequest("send the images as a BYTES input, or as FP32 'images'")
-    pixels = np.asarray(tensor.value, np.float32)
-    if pixels.ndim != 4 or pixels.shape[1:] != (3, info.input_height, info.input_width):
-        raise InvalidRequest(f"images must be [N, 3, {info.input_height}, {info.input_width}]")
-    if not 0 < len(pixels) <= limit:
-        raise InvalidRequest(f"send 1 to {limit} images; got {len(pixels)}")
-    if not np.isfinite(pixels).all():
-        raise InvalidRequest("images must be finite numbers (no NaN or infinity)")
-    sizes = parsed.inputs.get("orig_target_sizes")
-    if sizes is None:
-        wh = np.tile([info.input_width, info.input_height], (len(pixels), 1))
-    else:
-        wh = np.asarray(sizes.value, np.int64)
-        if (wh.shape != (len(pixels), 2) or (wh <= 0).any()
-                or (wh > MAX_TARGET_SIDE).any()):
-            raise InvalidRequest(f"orig_target_sizes must be [N, 2] (width, height), each "
-                                 f"1 to {MAX_TARGET_SIDE}")
-    return [functools.partial(detector.infer, prepared=PreparedImage(
-        np.ascontiguousarray(p), int(w), int(h), (int(w), int(h))))
-        for p, (w, h) in zip(pixels, wh)]
-
-
-def _outputs(results: list[Official], wanted: list[str] | None, detector: Detector
-             ) -> list[dict[str, Any]]:
-    labels = np.stack([r.labels for r in results])
-    names = detector.engine.info.labels
-    made = {
-        "labels": lambda: output("labels", labels.astype(np.int64), "INT64"),
-        "boxes": lambda: output("boxes", np.stack([r.boxes for r in results]).astype(
-            np.float32), "FP32"),
-        "scores": lambda: output("scores", np.stack([r.scores for r in results]).astype(
-            np.float32), "FP32"),
-        "names": lambda: output("names", [[label_name(names, int(v)) for v in row]
-                                          for row in labels], "BYTES"),
-    }
-    return [made[name]() for name in (wanted or OUTPUTS)]
+    head: dict[str, Any] = {"model_name": name, "model_version": str(detector.version),
+                            **({"id": parsed.id} if parsed.id is not None else {}),
+                            "outputs": []}
+    blobs = []
+    for tensor in result_tensors(results, parsed.outputs, detector):
+        if parsed.wants_binary(tensor.name):
+            raw = tensor.raw()
+            blobs.append(raw)
+            head["outputs"].append({"name": tensor.name, "datatype": tensor.datatype,
+                                    "shape": tensor.shape,
+                                    "parameters": {"binary_data_size": len(raw)}})
+        else:
+            head["outputs"].append(tensor.json())
+    if not blobs:
+        return _json(head)
+    # The binary tensor extension: the JSON header, then each binary output's bytes in order.
+    text = orjson.dumps(head)
+    return Response(text + b"".join(blobs), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(text))})

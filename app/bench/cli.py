@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _service_command(args: argparse.Namespace, port: int, *flags: str) -> list[str]:
     """``python -m app`` for the bench's model on ``port``, logging at info, then ``flags``."""
     return [sys.executable, "-m", "app", "--model-path", str(args.model), "--port", str(port),
-            "--log-level", "info", *flags]
+            "--log-level", "info", "--grpc-port", "0", *flags]
 
 
 def _settings_for(model: Path, service_args: str) -> Settings:

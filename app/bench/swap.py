@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         command = [sys.executable, "-m", "app", "--port", str(port),
                    "--model-repository", str(repository), "--model-control", "poll",
                    "--repository-poll-s", str(args.poll_s), "--log-level", "warning",
+                   "--grpc-port", "0",
                    *args.service_args.split()]
         with _server(command, port, "/readyz", "service", Path(scratch) / "service.log") as up:
             report = asyncio.run(swap_under_load(

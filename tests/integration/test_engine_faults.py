@@ -39,7 +39,7 @@ def post(url: str, width: int) -> httpx.Response:
 
 
 def faulty_app(**overrides: Any) -> Any:
-    settings = Settings(providers="cpu", **overrides)
+    settings = Settings(providers="cpu", grpc_port=0, **overrides)
     base = OnnxEngine.load(settings)
     engine = FaultyEngine(base.info, base.parallel, base.session, base.solo_session)
     return create_app(settings, engine=engine)

@@ -1,0 +1,161 @@
+"""The Open Inference Protocol's inference, whatever carries it (REST in app.api.v2_routes,
+gRPC in app.api.grpc_service): the parsed request's images as engine jobs, the answers as the
+protocol's output tensors, and the model metadata both forms report.
+
+Inputs: BYTES, the encoded image files (what Triton ensemble and DALI clients send), shape [N]
+or [N, 1]; or FP32 ``images`` [N, 3, H, W] already preprocessed as the official pipeline does,
+with INT64 ``orig_target_sizes`` [N, 2] (width, height; default: the input size). Outputs, in the
+official export's layout: ``labels`` INT64 [N, K], ``boxes`` FP32 [N, K, 4] (original pixels,
+unclipped), ``scores`` FP32 [N, K], and ``names`` BYTES [N, K], the labels' class names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import struct
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from app.api.v2_codec import InferRequest, Limits
+from app.errors import InvalidRequest
+from app.imaging import MAX_SIDE as MAX_TARGET_SIDE
+from app.imaging import PreparedImage
+from app.labels import label_name
+from app.service import Detector, Official
+
+T = TypeVar("T")
+OUTPUTS = ("labels", "boxes", "scores", "names")
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    value: np.ndarray | list[list[bytes]]  # numeric, or BYTES rows
+
+    @property
+    def shape(self) -> list[int]:
+        if isinstance(self.value, np.ndarray):
+            return list(self.value.shape)
+        return [len(self.value), len(self.value[0]) if self.value else 0]
+
+    def raw(self) -> bytes:
+        """The binary tensor extension's (and gRPC's raw_output_contents') bytes: row-major
+        little-endian values, or each BYTES element as a 4-byte length and its bytes."""
+        if isinstance(self.value, np.ndarray):
+            return self.value.astype(self.value.dtype.newbyteorder("<"), copy=False).tobytes()
+        return b"".join(struct.pack("<I", len(item)) + item
+                        for row in self.value for item in row)
+
+    def json(self) -> dict[str, Any]:
+        """The tensor in JSON: shape and flat, row-major data (BYTES as text: class names)."""
+        data: list[Any] = (self.value.reshape(-1).tolist() if isinstance(self.value, np.ndarray)
+                           else [item.decode() for row in self.value for item in row])
+        return {"name": self.name, "datatype": self.datatype, "shape": self.shape,
+                "data": data}
+
+
+def limits_for(detector: Detector) -> Limits:
+    """What one request to this model may carry (app.api.v2_codec.Limits)."""
+    settings, info = detector.settings, detector.engine.info
+    images = settings.max_batch_images
+    return Limits(images, settings.max_upload_bytes,
+                  images * (3 * info.input_width * info.input_height + 2))
+
+
+def model_metadata(detector: Detector, versions: list[int]) -> dict[str, Any]:
+    info = detector.engine.info
+    return {
+        "name": info.name, "versions": [str(v) for v in versions],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [-1]},
+            {"name": "images", "datatype": "FP32",
+             "shape": [-1, 3, info.input_height, info.input_width]},
+            {"name": "orig_target_sizes", "datatype": "INT64", "shape": [-1, 2]},
+        ],
+        "outputs": [
+            {"name": "labels", "datatype": "INT64", "shape": [-1, -1]},
+            {"name": "boxes", "datatype": "FP32", "shape": [-1, -1, 4]},
+            {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "names", "datatype": "BYTES", "shape": [-1, -1]},
+        ],
+    }
+
+
+async def all_or_none(jobs: Iterable[Awaitable[T]]) -> list[T]:
+    """Every job's result; when one fails, the others are cancelled (a decode not started yet
+    never starts) and waited for, so that their places are held until they are gone, and the
+    first failure is raised."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def check_outputs(wanted: list[str] | None) -> None:
+    unknown = set(wanted or ()) - set(OUTPUTS)
+    if unknown:
+        raise InvalidRequest(f"unknown output(s) {sorted(unknown)}; outputs: {list(OUTPUTS)}")
+
+
+def jobs(parsed: InferRequest, detector: Detector
+          ) -> list[Callable[[], Coroutine[Any, Any, Official]]]:
+    """One engine submission per image (started later), from encoded files or from
+    preprocessed tensors."""
+    limit = detector.settings.max_batch_images
+    files = [t for t in parsed.inputs.values() if t.datatype == "BYTES"]
+    if files:
+        images = files[0].value
+        assert isinstance(images, list)
+        if not 0 < len(images) <= limit:
+            raise InvalidRequest(f"send 1 to {limit} images; got {len(images)}")
+        return [functools.partial(detector.infer, data=data) for data in images]
+    tensor = parsed.inputs.get("images")
+    info = detector.engine.info
+    if tensor is None or tensor.datatype != "FP32":
+        raise InvalidRequest("send the images as a BYTES input, or as FP32 'images'")
+    pixels = np.asarray(tensor.value, np.float32)
+    if pixels.ndim != 4 or pixels.shape[1:] != (3, info.input_height, info.input_width):
+        raise InvalidRequest(f"images must be [N, 3, {info.input_height}, {info.input_width}]")
+    if not 0 < len(pixels) <= limit:
+        raise InvalidRequest(f"send 1 to {limit} images; got {len(pixels)}")
+    if not np.isfinite(pixels).all():
+        raise InvalidRequest("images must be finite numbers (no NaN or infinity)")
+    sizes = parsed.inputs.get("orig_target_sizes")
+    if sizes is None:
+        wh = np.tile([info.input_width, info.input_height], (len(pixels), 1))
+    else:
+        wh = np.asarray(sizes.value, np.int64)
+        if (wh.shape != (len(pixels), 2) or (wh <= 0).any()
+                or (wh > MAX_TARGET_SIDE).any()):
+            raise InvalidRequest(f"orig_target_sizes must be [N, 2] (width, height), each "
+                                 f"1 to {MAX_TARGET_SIDE}")
+    return [functools.partial(detector.infer, prepared=PreparedImage(
+        np.ascontiguousarray(p), int(w), int(h), (int(w), int(h))))
+        for p, (w, h) in zip(pixels, wh)]
+
+
+def result_tensors(results: list[Official], wanted: list[str] | None, detector: Detector
+                   ) -> list[OutputTensor]:
+    """The outputs asked for (default: all), in the official layout, one row per image."""
+    labels = np.stack([r.labels for r in results]).astype(np.int64)
+    names = detector.engine.info.labels
+    made = {
+        "labels": lambda: OutputTensor("labels", "INT64", labels),
+        "boxes": lambda: OutputTensor("boxes", "FP32", np.stack(
+            [r.boxes for r in results]).astype(np.float32)),
+        "scores": lambda: OutputTensor("scores", "FP32", np.stack(
+            [r.scores for r in results]).astype(np.float32)),
+        "names": lambda: OutputTensor("names", "BYTES", [
+            [label_name(names, int(v)).encode() for v in row] for row in labels]),
+    }
+    return [made[name]() for name in (wanted or OUTPUTS)]
