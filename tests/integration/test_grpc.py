@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,12 +172,21 @@ def _metrics(running: Running) -> str:
     return httpx.get(f"{running.server.url}/metrics", timeout=10).text
 
 
-def test_the_health_service_answers_for_probes(running: Running) -> None:
-    with grpc.insecure_channel(running.grpc) as channel:
+def _serving(address: str, service: str = "") -> bool:
+    """Whether the health service says SERVING within a second (it follows readiness every
+    0.2 s)."""
+    with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "inference.GRPCInferenceService"):
+        for _ in range(10):
             answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                return True
+            time.sleep(0.1)
+    return False
+
+
+def test_the_health_service_answers_for_probes(running: Running) -> None:
+    assert _serving(running.grpc) and _serving(running.grpc, "inference.GRPCInferenceService")
 
 
 def test_rest_binary_outputs_equal_the_json_ones(running: Running) -> None:
@@ -218,10 +228,7 @@ def test_api_key_repository_calls_and_draining_over_grpc(tmp_path: Path) -> None
         key = {"authorization": "Bearer k"}
         assert client.is_server_ready(headers=key)
         assert client.is_server_ready(headers={"x-api-key": "k"})
-        with grpc.insecure_channel(address) as channel:  # probes need no key
-            assert health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=5).status == \
-                health_pb2.HealthCheckResponse.SERVING
+        assert _serving(address)  # probes need no key
 
         index = client.get_model_repository_index(headers=key, as_json=True)["models"]
         assert [(m["name"], m["version"], m["state"]) for m in index] == [(MODEL, "1", "READY")]
