@@ -17,6 +17,7 @@ from app.errors import ModelLoadError
 from app.http_protocol import ConnectionLimits, guarded_protocol, raise_open_file_limit
 from app.logs import configure as configure_logging
 from app.main import create_app
+from app.trim import fix_mmap_threshold
 
 log = logging.getLogger("dfine")
 
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dfine-serve: error: {exc}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings.log_level, settings.log_format)
+    fix_mmap_threshold()  # before any model is loaded (app/trim.py says why)
     engine = None
     if settings.model_repository is None:
         try:

@@ -30,8 +30,9 @@ import onnxruntime as ort
 from app.bench.ceiling import ceiling_loop, engine_ceiling, single_call_ms
 from app.bench.gpu import GpuSampler
 from app.bench.images import folder_images, synthetic_jpegs
-from app.bench.load import closed_loop, fetch, open_loop
+from app.bench.load import Endpoint, closed_loop, fetch, open_loop
 from app.bench.plot import write_plot
+from app.bench.protocols import PROTOCOLS, Client, closed_loop_with, grpc_client, v2_http_client
 from app.bench.stats import RunResult, Sample, metric_value, process_cpu_s, summarize
 from app.config import DEFAULT_MODEL_PATH, Settings, settings_from_args
 
@@ -122,7 +123,10 @@ def _cpu_since(pid: int | None, cpu_before: float) -> float | None:
 
 async def _measure_service(url: str, bodies: list[bytes], concurrency: int, duration_s: float,
                            headers: dict[str, str], rate: float | None = None,
-                           pid: int | None = None) -> RunResult:
+                           pid: int | None = None, client: Client | None = None,
+                           target: str = "service") -> RunResult:
+    """The service under ``concurrency`` closed-loop clients (or an open loop at ``rate``):
+    /detect's, or ``client``'s (another protocol, app.bench.protocols)."""
     before = await _service_metrics(url)
     peak_rss = metric_value(before, "process_resident_memory_bytes")
     stop = asyncio.Event()
@@ -137,12 +141,15 @@ async def _measure_service(url: str, bodies: list[bytes], concurrency: int, dura
                 await asyncio.wait_for(stop.wait(), 1.0)
 
     watcher = asyncio.create_task(watch_rss())
-    label = f"service c={concurrency}" if rate is None else f"service {rate:g} req/s"
+    label = f"{target} c={concurrency}" if rate is None else f"{target} {rate:g} req/s"
     bar = ProgressBar(label, duration_s)
     samples: list[Sample]
     cpu_before = process_cpu_s(pid) if pid else 0.0
     with GpuSampler() as gpu:
-        if rate is None:
+        if client is not None:
+            samples, elapsed = await closed_loop_with(client, len(bodies), concurrency,
+                                                      duration_s, bar)
+        elif rate is None:
             # At c=1 each answer's own timing shows what HTTP adds to one in-process call; at
             # higher loads parsing every answer would cost the client more CPU than it is worth.
             samples, elapsed = await closed_loop(url + "/detect", bodies, concurrency,
@@ -156,7 +163,7 @@ async def _measure_service(url: str, bodies: list[bytes], concurrency: int, dura
     stop.set()
     await watcher
     after = await _service_metrics(url)
-    result = summarize("service", "closed" if rate is None else "open",
+    result = summarize(target, "closed" if rate is None else "open",
                        concurrency if rate is None else rate, samples, elapsed, cpu_s=cpu_s)
     def delta(name: str) -> float:
         return metric_value(after, name) - metric_value(before, name)
@@ -294,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run C clients against a service with --max-queue "
                         "OVERLOAD_QUEUE (e.g. 64)")
     p.add_argument("--overload-queue", type=int, default=8)
+    p.add_argument("--protocol", default="detect",
+                   help="how clients call the service, a comma list of detect (POST /detect), "
+                        "v2-http (the Open Inference Protocol's REST form, binary tensors) and "
+                        "grpc (its gRPC form): each a target of its own, in the same run")
+    p.add_argument("--grpc-address", help="with --url: the service's gRPC host:port "
+                                          "(default: its host, port 8001)")
     p.add_argument("--api-key", help="sent as X-API-Key")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     return p
@@ -315,11 +328,14 @@ async def _run(args: argparse.Namespace, service: Started, peer: Started | None,
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
     results: list[RunResult] = []
     instances = [int(v) for v in args.ceiling_instances.split(",") if v]
+    clients = _protocol_clients(args, service, bodies, headers)
     for concurrency in [int(v) for v in args.concurrency.split(",") if v]:
         runs: dict[str, list[RunResult]] = {}
         for _ in range(args.repeat):
-            runs.setdefault("service", []).append(await _measure_service(
-                service.url, bodies, concurrency, args.duration_s, headers, pid=service.pid))
+            for target, client in clients.items():
+                runs.setdefault(target, []).append(await _measure_service(
+                    service.url, bodies, concurrency, args.duration_s, headers,
+                    pid=service.pid, client=client, target=target))
             if peer:
                 runs.setdefault("peer", []).append(await _measure_peer(
                     peer.url, bodies, concurrency, args.duration_s, peer.pid))
@@ -341,8 +357,33 @@ async def _run(args: argparse.Namespace, service: Started, peer: Started | None,
     return results
 
 
+def _protocols(args: argparse.Namespace) -> list[str]:
+    chosen = [p.strip() for p in args.protocol.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(PROTOCOLS))
+    if unknown or not chosen:
+        raise SystemExit(f"dfine-serve bench: --protocol: unknown {unknown or chosen}; "
+                         f"choose from {', '.join(PROTOCOLS)}")
+    return chosen
+
+
+def _protocol_clients(args: argparse.Namespace, service: Started, bodies: list[bytes],
+                      headers: dict[str, str]) -> dict[str, Client | None]:
+    """The service's targets, one per protocol: "service" is /detect, as before."""
+    name = args.model_name
+    clients: dict[str, Client | None] = {}
+    for protocol in _protocols(args):
+        if protocol == "detect":
+            clients["service"] = None
+        elif protocol == "v2-http":
+            clients["service-v2-http"] = v2_http_client(service.url, name, bodies, headers)
+        else:
+            clients["service-grpc"] = grpc_client(args.grpc_address, name, bodies, headers)
+    return clients
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    protocols = _protocols(args)
     bodies = (folder_images(args.images, args.count) if args.images
               else synthetic_jpegs(args.count, args.width, args.height))
     settings = _settings_for(args.model, args.service_args)
@@ -351,9 +392,19 @@ def main(argv: list[str] | None = None) -> None:
         service = Started(args.url, None)
         if args.url is None:
             port = free_port()
+            grpc_flags: list[str] = []
+            if "grpc" in protocols:
+                grpc_port = free_port()
+                args.grpc_address = f"127.0.0.1:{grpc_port}"
+                grpc_flags = ["--grpc-port", str(grpc_port)]
             service = stack.enter_context(_server(
-                _service_command(args, port, *shlex.split(args.service_args)),
+                _service_command(args, port, *shlex.split(args.service_args), *grpc_flags),
                 port, "/readyz", "service", args.out / "service.log"))
+        elif args.grpc_address is None:
+            args.grpc_address = f"{Endpoint.parse(args.url).host}:8001"
+        args.model_name = args.model.stem  # what the service calls it, unless /model says
+        with contextlib.suppress(OSError, RuntimeError, ValueError, KeyError):
+            args.model_name = json.loads(asyncio.run(fetch(service.url + "/model")))["name"]
         peer = None
         if not args.no_peer:
             port = free_port()
