@@ -246,6 +246,11 @@ def throughput_ratios(results: list[RunResult], engine_best: float | None = None
                     service.throughput_rps / by[(other, load)].throughput_rps, 3)
         if engine_best:
             entry["service/engine ceiling"] = round(service.images_per_s / engine_best, 3)
+        # Other protocols to the same service: what each costs against /detect.
+        for other in ("service-v2-http", "service-grpc"):
+            if (other, load) in by and service.throughput_rps:
+                entry[f"{other}/service"] = round(
+                    by[(other, load)].throughput_rps / service.throughput_rps, 3)
         ratios[f"c={load:g}"] = entry
     # Overload against the best the machine did in-process at any concurrency.
     best = max((r.throughput_rps for r in by.values() if r.target == "ceiling"), default=0.0)

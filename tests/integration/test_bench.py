@@ -67,3 +67,17 @@ def test_bench_logs_each_server_and_measures_the_front_end_alone(tmp_path: Path)
     assert "loaded" in (out / "service.log").read_text()
     front_log = (out / "front-end.log").read_text()
     assert "warmed up" in front_log and "loaded" not in front_log
+
+
+def test_bench_measures_each_protocol_on_the_same_service(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    main(["bench", "--protocol", "detect,v2-http,grpc", "--concurrency", "2",
+          "--duration-s", "1", "--count", "2", "--no-peer", "--no-ceiling",
+          "--no-engine-ceiling", "--no-single-call", "--out", str(out)])
+    report = json.loads((out / "bench.json").read_text())
+    by_target = {r["target"]: r for r in report["results"]}
+    assert set(by_target) == {"service", "service-v2-http", "service-grpc"}
+    for result in by_target.values():
+        assert result["requests"] > 0 and not result["errors"], result
+        assert result["cpu_ms_per_request"] > 0  # the same server process for each
+    assert set(report["ratios"]["c=2"]) == {"service-v2-http/service", "service-grpc/service"}
