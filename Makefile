@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SERVE := $(VENV)/.serve
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve-install tools run test lint format clean bench fuzz soak
+.PHONY: install serve-install tools run test lint docs format clean bench fuzz soak
 
 # What serving needs, and nothing else: no torch, transformers or test tools.
 $(SERVE): pyproject.toml
@@ -18,7 +18,7 @@ $(SERVE): pyproject.toml
 # machine's disk), so nothing pulls a CUDA build.
 $(STAMP): $(SERVE) pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[cpu,models,dev]'
+	$(PY) -m pip install -q -e '.[cpu,models,dev,bench,docs]'
 	touch $@
 
 serve-install: $(SERVE)
@@ -44,7 +44,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check app models tests
 	$(VENV)/bin/mypy
 
-test: lint tools
+# The documentation site, from docs/ (the settings page generated from app/config.py); strict:
+# a broken link, a missing page or a stale anchor fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+test: lint docs tools
 	$(PY) -m pytest
 
 # Longer runs than CI's: the decode fuzzer for 5 minutes, the soak at 20,000 requests.

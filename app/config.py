@@ -36,7 +36,7 @@ class Settings(BaseSettings):
         "stem, version 1); ignored with MODEL_REPOSITORY")
     model_repository: Path | None = Field(
         None, description="a model repository, DIR/<name>/<version>/model.onnx (Triton's "
-        "layout): every model in it is served (README \"Models and versions\")")
+        "layout): every model in it is served (see Models and versions)")
     model_control: ModelControl = Field(
         "none", description="none: the repository is read at start only; poll: rescanned "
         "every REPOSITORY_POLL_S, new versions rolled in live; explicit: changed only by "
@@ -146,7 +146,7 @@ class Settings(BaseSettings):
         8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC (and the "
         "gRPC health service) on this port; 0: off")
     grpc_max_inflight: int = Field(
-        16, ge=1, le=1024, description="gRPC calls in progress at once, at most (each may hold "
+        64, ge=1, le=1024, description="gRPC calls in progress at once, at most (each may hold "
         "a whole message); more get RESOURCE_EXHAUSTED")
     log_level: LogLevel = Field("info", description="log level")
     log_format: LogFormat = Field(
@@ -208,6 +208,29 @@ def parse_input_size(text: str) -> tuple[int, int]:
     if not all(32 <= side <= 4096 and side % 32 == 0 for side in size):
         raise ValueError(f"input size {text!r}: each side a multiple of 32 from 32 to 4096")
     return size
+
+
+def _default_text(value: Any) -> str:
+    if value is None or value == "":
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Path):
+        root = DEFAULT_MODEL_PATH.parent.parent
+        return str(value.relative_to(root)) if value.is_relative_to(root) else str(value)
+    return str(value)
+
+
+def settings_markdown() -> str:
+    """The settings table (environment variable, flag, default, meaning), made from the
+    Settings class itself, so that the documentation cannot drift from it (docs/hooks.py)."""
+    rows = ["| environment | flag | default | meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        meaning = (field.description or "").replace("|", "\\|").replace(
+            "<", "&lt;").replace(">", "&gt;")
+        rows.append(f"| `DFINE_{name.upper()}` | `{flag_of(name)}` | "
+                    f"`{_default_text(field.default)}` | {meaning} |")
+    return "\n".join(rows)
 
 
 class SettingsError(ValueError):

@@ -8,6 +8,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -16,7 +17,6 @@ from fastapi.staticfiles import StaticFiles
 from app.api.admission import DETECT_PATHS, AdmissionGate
 from app.api.deps import AppState
 from app.api.errors import install_error_handlers
-from app.api.grpc_service import GrpcServer
 from app.api.head import HeadAsGet
 from app.api.observe import RequestObserver
 from app.api.repository_routes import router as repository_router
@@ -25,8 +25,12 @@ from app.api.security import SecurityHeaders
 from app.api.v2_routes import router as v2_router
 from app.config import Settings
 from app.engine.engine import OnnxEngine
+from app.errors import ModelLoadError
 from app.metrics import Metrics
 from app.registry import ModelRegistry
+
+if TYPE_CHECKING:
+    from app.api.grpc_service import GrpcServer
 
 log = logging.getLogger("dfine")
 
@@ -48,6 +52,17 @@ async def _load(state: AppState, engine: OnnxEngine | None) -> None:
         await state.registry.poll_forever()
 
 
+def _grpc_server(state: AppState) -> GrpcServer:
+    # Imported only when gRPC is on: a process that serves HTTP alone (GRPC_PORT=0, the
+    # bench's services, the GPU check's kit) needs neither grpcio nor tritonclient.
+    try:
+        from app.api.grpc_service import GrpcServer
+    except ImportError as exc:
+        raise ModelLoadError(f"GRPC_PORT is set but gRPC cannot start ({exc}): install the "
+                             f"service's dependencies, or set GRPC_PORT=0") from exc
+    return GrpcServer(state)
+
+
 def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
     """An app serving the model repository (MODEL_REPOSITORY), ``settings.model_path``, or
     an already loaded ``engine``.
@@ -61,7 +76,7 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        grpc_server = GrpcServer(state) if settings.grpc_port else None
+        grpc_server = _grpc_server(state) if settings.grpc_port else None
         if grpc_server is not None:
             await grpc_server.start()
             app.state.grpc_port = grpc_server.port

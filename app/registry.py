@@ -192,7 +192,7 @@ class ModelRegistry:
     @property
     def memory_bound_bytes(self) -> int:
         """What requests may hold at once across every loaded version, the slow uploads, and
-        the gRPC messages being read (README "Memory")."""
+        the gRPC messages being read (docs: "Memory")."""
         settings = self.settings
         # gRPC reads a whole message before its call runs: each call in flight may hold one.
         grpc_messages = settings.grpc_max_inflight * settings.max_batch_images \

@@ -87,7 +87,7 @@ class Detector:
         self._decode_pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
         # Requests admitted at once (each holding its upload, then its decoded image): enough
         # to keep the queue and every engine instance full, and no more. This is what bounds
-        # memory: see the README's "Memory" section.
+        # memory: see docs/limits-and-reliability.md, "Memory".
         self.max_admitted = (settings.max_queue + self.decode_workers
                              + engine.parallel.instances * self.max_batch_size)
         # The batcher's own bound never refuses an admitted request: refusing after the upload

@@ -1,5 +1,6 @@
 """Times the round-2 attacks against a real server, with the slowest /healthz while each runs:
-the figures of README "Limits". Run on a checkout (this one, or an older one to compare):
+the figures of docs/limits-and-reliability.md, "Limits". Run on a checkout (this one, or an
+older one to compare):
 
     python -m tests.hostile_timings exact|fast
 """

@@ -284,7 +284,7 @@ class GrpcServer:
     def __init__(self, state: AppState) -> None:
         self.state = state
         limit = message_limit(state)
-        # Every RPC in flight may hold a whole message: their number is bounded (README
+        # Every RPC in flight may hold a whole message: their number is bounded (the docs'
         # "Memory"); more are refused with RESOURCE_EXHAUSTED.
         self.server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit),

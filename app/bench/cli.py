@@ -31,7 +31,7 @@ from app.bench.ceiling import ceiling_loop, engine_ceiling, single_call_ms
 from app.bench.gpu import GpuSampler
 from app.bench.images import folder_images, synthetic_jpegs
 from app.bench.load import Endpoint, closed_loop, fetch, open_loop
-from app.bench.plot import write_plot
+from app.bench.plot import INSTALL_HINT, write_plot
 from app.bench.protocols import PROTOCOLS, Client, closed_loop_with, grpc_client, v2_http_client
 from app.bench.stats import RunResult, Sample, metric_value, process_cpu_s, summarize
 from app.config import DEFAULT_MODEL_PATH, Settings, settings_from_args
@@ -476,4 +476,5 @@ def main(argv: list[str] | None = None) -> None:
             print(f"HTTP adds to the service's own time at c={r.load:g}: p50 {r.http_ms['p50']} "
                   f"ms, p99 {r.http_ms['p99']} ms")
     print("ratios: " + json.dumps(report["ratios"]))
-    print(f"wrote {args.out / 'bench.json'} and {plot}")
+    print(f"wrote {args.out / 'bench.json'} and {plot}" if plot else
+          f"wrote {args.out / 'bench.json'}; no plot: {INSTALL_HINT}")

@@ -16,7 +16,7 @@ import pytest
 from app.bench.ceiling import engine_ceiling
 from app.bench.gpu import GpuSampler
 from app.bench.images import synthetic_jpegs
-from app.bench.plot import PANEL_WIDTH, write_plot
+from app.bench.plot import write_plot
 from app.bench.stats import RunResult
 from app.config import Settings
 from tests.helpers import DEFAULT_MODEL
@@ -78,9 +78,27 @@ def result(target: str, load: float, busy: float | None) -> RunResult:
 
 
 def test_plot_gets_a_gpu_panel_only_when_gpu_figures_exist(tmp_path: Path) -> None:
-    cpu = write_plot([result("service", 1, None), result("service", 8, None)],
-                     tmp_path / "cpu.png")
+    cpu = write_plot([result("service", 1, None), result("service", 8, None),
+                      result("peer", 1, None), result("peer", 8, None)], tmp_path / "cpu.png")
     gpu = write_plot([result("service", 1, 30.0), result("service", 8, 90.0)],
                      tmp_path / "gpu.png")
-    assert cv2.imread(str(cpu)).shape[1] == 2 * PANEL_WIDTH
-    assert cv2.imread(str(gpu)).shape[1] == 3 * PANEL_WIDTH
+    assert cpu is not None and gpu is not None  # matplotlib comes with `make test`
+    cpu_width, gpu_width = cv2.imread(str(cpu)).shape[1], cv2.imread(str(gpu)).shape[1]
+    # Three panels (throughput, p50, p99), four with GPU busy: a quarter wider.
+    assert gpu_width / cpu_width == pytest.approx(4 / 3, rel=0.02)
+
+
+def test_without_matplotlib_the_bench_writes_no_plot(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args: object, **kwargs: object) -> object:
+        if name.startswith("matplotlib"):  # the extra not installed (a fault, injected)
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert write_plot([result("service", 1, None)], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
