@@ -254,3 +254,39 @@ def test_api_key_repository_calls_and_draining_over_grpc(tmp_path: Path) -> None
         result = asyncio.run(call_then_stop())
         assert result.as_numpy("scores").shape == (8, 300)  # type: ignore[attr-defined]
         assert server.process.wait(30) == 0
+
+
+def test_typed_contents_are_read_as_raw_ones_are(running: Running) -> None:
+    """Inputs in InferTensorContents (bytes_contents, fp32_contents, int64_contents) instead
+    of raw_input_contents, through the generated stub itself."""
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    image = encode(render_scene(3)[0])
+    raw = tgrpc.InferenceServerClient(running.grpc).infer(
+        MODEL, [_bytes_input(tgrpc, np.asarray([image], dtype=object))])
+    with grpc.insecure_channel(running.grpc) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name=MODEL)
+        tensor = request.inputs.add(name="image", datatype="BYTES", shape=[1])
+        tensor.contents.bytes_contents.append(image)
+        typed = stub.ModelInfer(request, timeout=30)
+        scores = np.frombuffer(typed.raw_output_contents[2], "<f4").reshape(1, 300)
+        np.testing.assert_allclose(scores[:, :10], raw.as_numpy("scores")[:, :10], atol=1e-3)
+
+        pixels = np.random.default_rng(1).random((1, 3, 320, 320), dtype=np.float32)
+        request = pb.ModelInferRequest(model_name=MODEL)
+        images = request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 320, 320])
+        images.contents.fp32_contents.extend(pixels.reshape(-1).tolist())
+        sizes = request.inputs.add(name="orig_target_sizes", datatype="INT64", shape=[1, 2])
+        sizes.contents.int64_contents.extend([640, 480])
+        answer = stub.ModelInfer(request, timeout=30)
+        assert [o.name for o in answer.outputs] == ["labels", "boxes", "scores", "names"]
+        assert list(answer.outputs[1].shape) == [1, 300, 4]
+
+        wrong = pb.ModelInferRequest(model_name=MODEL)
+        short = wrong.inputs.add(name="images", datatype="FP32", shape=[1, 3, 320, 320])
+        short.contents.fp32_contents.extend([0.5] * 10)  # 10 values for a shape of 307,200
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ModelInfer(wrong, timeout=30)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
