@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SERVE := $(VENV)/.serve
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve-install tools run test lint docs format clean bench fuzz soak
+.PHONY: install serve-install tools run test lint docs image-test format clean bench fuzz soak
 
 # What serving needs, and nothing else: no torch, transformers or test tools.
 $(SERVE): pyproject.toml
@@ -29,13 +29,17 @@ install: $(STAMP)
 # nginx as the load balancer of the scaling-out test, chromium for the web page test
 # (Playwright drives it; it cannot download its own browser here). apt-get needs root, as CI
 # has.
+# podman, runc and mmdebstrap build and run the images in tests/containers (docker/stand-ins.sh).
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
 	  && command -v amtool >/dev/null && command -v chromium >/dev/null \
+	  && command -v podman >/dev/null && command -v mmdebstrap >/dev/null \
+	  && PATH="$$PATH:/usr/sbin" command -v runc >/dev/null \
 	  && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || { \
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus prometheus-alertmanager nginx chromium >/dev/null; }
+	    prometheus prometheus-alertmanager nginx chromium podman runc mmdebstrap uidmap \
+	    >/dev/null; }
 
 run: $(SERVE)
 	$(PY) -m app
@@ -51,6 +55,10 @@ docs: $(STAMP)
 
 test: lint docs tools
 	$(PY) -m pytest
+
+# The images, built and run for real (also part of `make test`'s pytest run).
+image-test: $(STAMP) tools
+	$(PY) -m pytest tests/containers
 
 # Longer runs than CI's: the decode fuzzer for 5 minutes, the soak at 20,000 requests.
 fuzz: $(STAMP)
