@@ -3,6 +3,7 @@
 #
 #   eval "$(bash docker/stand-ins.sh env)"   CONTAINER_ENGINE (a command line) and its settings
 #   bash docker/stand-ins.sh base            the Dockerfile's base image, if it is not there
+#   bash docker/stand-ins.sh monitoring      the compose file's Prometheus and Alertmanager
 #
 # With a Docker engine that reaches its registry (`docker info` works and `docker pull` of the
 # base does), nothing is stood in: the real python:3.12-slim-bookworm is used. Without (this
@@ -64,8 +65,53 @@ EOF
   rm -rf "$context"
 }
 
+# Prometheus and Alertmanager from Debian's packages, tagged as the compose file's images, with
+# the upstream images' entrypoints, working directories and user (nobody), and wget for the
+# compose healthchecks. Grafana has no Debian package: it is not stood in.
+monitoring() {
+  local prometheus alertmanager
+  prometheus=$(sed -n 's/^ *image: \(prom\/prometheus:.*\)$/\1/p' docker-compose.yml)
+  alertmanager=$(sed -n 's/^ *image: \(prom\/alertmanager:.*\)$/\1/p' docker-compose.yml)
+  if "${ENGINE[@]}" image inspect "docker.io/$prometheus" >/dev/null 2>&1 \
+      && "${ENGINE[@]}" image inspect "docker.io/$alertmanager" >/dev/null 2>&1; then
+    return
+  fi
+  if [ "${ENGINE[0]}" = docker ] && docker pull -q "$prometheus" >/dev/null 2>&1 \
+      && docker pull -q "$alertmanager" >/dev/null 2>&1; then
+    return
+  fi
+  if [ ! -s "$CACHE/debian-monitoring.tar" ]; then
+    mmdebstrap --quiet --variant=minbase --format=tar \
+      --include=prometheus,prometheus-alertmanager,wget,ca-certificates \
+      bookworm "$CACHE/debian-monitoring.tar.partial"
+    mv "$CACHE/debian-monitoring.tar.partial" "$CACHE/debian-monitoring.tar"
+  fi
+  "${ENGINE[@]}" import -q "$CACHE/debian-monitoring.tar" \
+    localhost/dfine-standin/monitoring:bookworm >/dev/null
+  local context
+  context=$(mktemp -d)
+  printf '%s\n' "FROM localhost/dfine-standin/monitoring:bookworm" \
+    "RUN mkdir -p /prometheus && chown nobody:nogroup /prometheus" \
+    "USER nobody" "WORKDIR /prometheus" "EXPOSE 9090" \
+    'ENTRYPOINT ["/usr/bin/prometheus"]' \
+    'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]' \
+    > "$context/Containerfile.prometheus"
+  printf '%s\n' "FROM localhost/dfine-standin/monitoring:bookworm" \
+    "RUN mkdir -p /alertmanager && chown nobody:nogroup /alertmanager" \
+    "USER nobody" "WORKDIR /alertmanager" "EXPOSE 9093" \
+    'ENTRYPOINT ["/usr/bin/prometheus-alertmanager"]' \
+    'CMD ["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"]' \
+    > "$context/Containerfile.alertmanager"
+  "${ENGINE[@]}" build -q --format docker -f "$context/Containerfile.prometheus" \
+    -t "docker.io/$prometheus" "$context" >/dev/null
+  "${ENGINE[@]}" build -q --format docker -f "$context/Containerfile.alertmanager" \
+    -t "docker.io/$alertmanager" "$context" >/dev/null
+  rm -rf "$context"
+}
+
 case "${1:-}" in
   env) engine_env ;;
   base) base ;;
-  *) echo "usage: $0 env|base" >&2; exit 2 ;;
+  monitoring) monitoring ;;
+  *) echo "usage: $0 env|base|monitoring" >&2; exit 2 ;;
 esac

@@ -41,18 +41,16 @@ class Engine:
                               capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    engine = Engine()
+def stand_in(engine: Engine, part: str) -> None:
     started = time.monotonic()
-    subprocess.run(["bash", "docker/stand-ins.sh", "base"], cwd=ROOT, env=engine.env,
+    subprocess.run(["bash", "docker/stand-ins.sh", part], cwd=ROOT, env=engine.env,
                    check=True, timeout=600)
-    print(f"base image ready in {time.monotonic() - started:.0f} s")
-    return engine
+    print(f"stand-ins ({part}) ready in {time.monotonic() - started:.0f} s")
 
 
-@pytest.fixture(scope="module")
-def image(engine: Engine) -> str:
+def build_cpu_image(engine: Engine) -> str:
+    """The CPU image from the Dockerfile as it is (its layers cached by the engine)."""
+    stand_in(engine, "base")
     started = time.monotonic()
     formats = ["--format", "docker"] if engine.podman else []  # keeps HEALTHCHECK
     engine.run("build", "-q", *formats, "--network", "host", "--build-arg", "VARIANT=cpu",
@@ -60,6 +58,16 @@ def image(engine: Engine) -> str:
     size = engine.run("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip()
     print(f"built {IMAGE} in {time.monotonic() - started:.0f} s: {int(size) / 1e6:.0f} MB")
     return IMAGE
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine()
+
+
+@pytest.fixture(scope="module")
+def image(engine: Engine) -> str:
+    return build_cpu_image(engine)
 
 
 @pytest.fixture()
@@ -83,7 +91,7 @@ def container(engine: Engine, image: str) -> Iterator[tuple[str, str]]:
             time.sleep(0.3)
         yield cid, url
     finally:
-        engine.run("rm", "-f", cid, check=False)
+        engine.run("rm", "-f", "-v", cid, check=False)  # -v: its /cache/trt volume too
 
 
 def test_the_image_serves_as_compose_runs_it(engine: Engine,
