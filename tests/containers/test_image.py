@@ -6,6 +6,7 @@ downloading them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from app.bench.cli import free_port
+from tests.containers.conftest import CONFIG
 from tests.helpers import ROOT, encode, render_scene
 
 IMAGE = "dfine-serve:cpu"
@@ -41,11 +43,18 @@ class Engine:
                               capture_output=True, text=True, timeout=timeout)
 
 
+def report(line: str) -> None:
+    """A figure for the test output, shown although pytest captures the rest."""
+    capture = CONFIG[0].pluginmanager.getplugin("capturemanager") if CONFIG else None
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(f"\n[containers] {line}", flush=True)
+
+
 def stand_in(engine: Engine, part: str) -> None:
     started = time.monotonic()
     subprocess.run(["bash", "docker/stand-ins.sh", part], cwd=ROOT, env=engine.env,
                    check=True, timeout=600)
-    print(f"stand-ins ({part}) ready in {time.monotonic() - started:.0f} s")
+    report(f"stand-ins ({part}) ready in {time.monotonic() - started:.0f} s")
 
 
 def build_cpu_image(engine: Engine) -> str:
@@ -56,7 +65,8 @@ def build_cpu_image(engine: Engine) -> str:
     engine.run("build", "-q", *formats, "--network", "host", "--build-arg", "VARIANT=cpu",
                "-t", IMAGE, ".")
     size = engine.run("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip()
-    print(f"built {IMAGE} in {time.monotonic() - started:.0f} s: {int(size) / 1e6:.0f} MB")
+    report(f"built {IMAGE} in {time.monotonic() - started:.0f} s: image size "
+           f"{int(size) / 1e6:.0f} MB")
     return IMAGE
 
 
@@ -144,9 +154,9 @@ def test_the_gpu_images_dependencies_resolve(engine: Engine) -> None:
         "docker.io/library/python:3.12-slim-bookworm", "pip", "install", "--quiet",
         "--dry-run", "--ignore-installed", "--report", "-", "-r", "/src/requirements.txt",
         "onnxruntime-gpu[cuda,cudnn]==1.31.1", "nvidia-ml-py==13.615.71", timeout=900)
-    report = json.loads(done.stdout)
-    names = {item["metadata"]["name"].lower() for item in report["install"]}
+    resolved = json.loads(done.stdout)
+    names = {item["metadata"]["name"].lower() for item in resolved["install"]}
     assert {"onnxruntime-gpu", "nvidia-ml-py", "fastapi", "grpcio"} <= names
     assert any(n.startswith("nvidia-cudnn") for n in names)  # the [cudnn] extra resolved
-    print(f"GPU image: {len(names)} packages resolve")
+    report(f"GPU image: {len(names)} packages resolve")
 
