@@ -82,6 +82,20 @@ class VersionPolicy:
         raise ValueError(f"version_policy: unknown or malformed policy {kind!r}")
 
 
+def parse_version(text: str | None) -> int | None:
+    """A version written as text (a directory's name, a URL's segment, a query, a gRPC
+    field): None when absent or empty; ValueError unless a positive integer up to
+    MAX_VERSION."""
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(MAX_VERSION))):
+        raise ValueError(f"version {text[:32]!r} is not a positive integer")
+    version = int(text)
+    if not 0 < version <= MAX_VERSION:
+        raise ValueError(f"version {text[:32]!r} is not from 1 to {MAX_VERSION}")
+    return version
+
+
 def _is_version(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_VERSION
 
@@ -159,11 +173,12 @@ def scan_model(base: Settings, directory: Path) -> ModelEntry:
     versions = {}
     for child in directory.iterdir():
         # A version directory without its model.onnx yet (being copied in) is not a version.
-        if not (child.name.isascii() and child.name.isdigit() and child.is_dir()):
+        try:
+            version = parse_version(child.name)
+        except ValueError:
             continue
-        version = int(child.name)
         model = _stat(child / MODEL_FILE)
-        if 0 < version <= MAX_VERSION and model is not None:
+        if version is not None and child.is_dir() and model is not None:
             versions[version] = VersionFiles(version, child / MODEL_FILE, (model, *shared))
     wanted = tuple(policy.select(list(versions)))
     return ModelEntry(name, versions, wanted, settings.model_copy(), None)

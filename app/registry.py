@@ -98,7 +98,6 @@ class ModelRegistry:
         self._failed: dict[tuple[str, int], Fingerprint] = {}  # not retried until changed
         self._entries: dict[str, ModelEntry] = {}  # the last scan
         self._wanted: set[str] = set()  # models readiness waits for
-        self._loading = 0
         self._changes = asyncio.Lock()  # one change at a time: start, polls, calls
         self._retiring: set[asyncio.Task[None]] = set()
         self._trim = libc_trim() or (lambda: None)
@@ -320,7 +319,7 @@ class ModelRegistry:
         new = [v for v in entry.wanted
                if (v not in loaded or loaded[v].fingerprint != entry.versions[v].fingerprint)
                and self._failed.get((name, v)) != entry.versions[v].fingerprint]
-        others = sum(len(v) for n, v in self._serving.items() if n != name) + self._loading
+        others = sum(len(v) for n, v in self._serving.items() if n != name)
         room = self.settings.max_loaded_models - others - len(
             [v for v in entry.wanted if v in loaded and v not in new])
         errors: list[Exception] = []
@@ -355,10 +354,8 @@ class ModelRegistry:
         assert entry.settings is not None
         settings = entry.settings.model_copy(update={"model_path": files.path})
         self._set(name, version, "LOADING")
-        self._loading += 1
         metrics = self.metrics.for_version(name, version)
         started = time.perf_counter()
-        detector: Detector | None = None
         try:
             def build() -> Detector:
                 engine = self._loader(settings, name)
@@ -381,12 +378,11 @@ class ModelRegistry:
             else:
                 self._set(name, version, "UNAVAILABLE", f"failed to load: {reason}")
             self.metrics.model_event(name, version, "load_failed")
-            metrics.close()
+            if version not in self._serving.get(name, {}):  # not the serving copy's labels
+                metrics.close()
             log.error("model %s version %s failed to load (%s); what served before serves on",
                       name, version, reason)
             return reason
-        finally:
-            self._loading -= 1
         self._failed.pop((name, version), None)
         self._route(name, version, detector, files.fingerprint, metrics, started)
         return None

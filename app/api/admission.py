@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import AppState
 from app.errors import Overloaded, ReadTimeout
+from app.model_repository import parse_version
 from app.service import Detector
 
 DETECT_PATHS = ("/detect", "/detect/batch", "/detect/render")
@@ -45,10 +46,10 @@ def _is_infer(path: str) -> bool:
 
 
 def _version(text: str | None) -> int | None:
-    if text is None or text == "":
-        return None
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 \
-        and int(text) > 0 else INVALID
+    try:
+        return parse_version(text)
+    except ValueError:
+        return INVALID
 
 
 def target(scope: Scope, path: str) -> tuple[str | None, int | None]:

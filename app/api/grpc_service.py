@@ -27,13 +27,21 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from app.api.deps import AppState
 from app.api.uploads import MULTIPART_OVERHEAD_BYTES
-from app.api.v2_codec import NUMERIC, InferRequest, Limits, Tensor, bytes_elements
+from app.api.v2_codec import (
+    NUMERIC,
+    InferRequest,
+    Limits,
+    Tensor,
+    bytes_elements,
+    numeric_values,
+)
 from app.api.v2_inference import (
     all_or_none,
     check_outputs,
     jobs,
     limits_for,
     model_metadata,
+    requested_version,
     result_tensors,
 )
 from app.errors import InvalidRequest, NotFound, NotReady, ServiceError, Unauthorized
@@ -71,14 +79,6 @@ def message_limit(state: AppState) -> int:
     return settings.max_batch_images * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
 
 
-def _version(text: str) -> int | None:
-    if not text:
-        return None
-    if not (text.isascii() and text.isdigit() and len(text) <= 9 and int(text) > 0):
-        raise NotFound(f"unknown version {text[:32]!r}: versions are positive integers")
-    return int(text)
-
-
 def _tensors(request: Any, limits: Limits) -> dict[str, Tensor]:
     """The request's inputs, from raw_input_contents (tritonclient's way) or typed contents,
     with the REST form's bounds."""
@@ -98,17 +98,8 @@ def _tensors(request: Any, limits: Limits) -> dict[str, Tensor]:
         value: np.ndarray | list[memoryview]
         if raw:
             data = memoryview(raw[index])
-            if spec.datatype == "BYTES":
-                value = bytes_elements(data, spec.name, limits)
-            elif spec.datatype in NUMERIC:
-                dtype = NUMERIC[spec.datatype]
-                if len(data) % dtype.itemsize:
-                    raise InvalidRequest(f"input {spec.name[:64]}: no whole {spec.datatype} "
-                                         f"values")
-                value = np.frombuffer(data, dtype).copy()
-            else:
-                raise InvalidRequest(f"input {spec.name[:64]}: datatype {spec.datatype} is "
-                                     f"not accepted")
+            value = (bytes_elements(data, spec.name, limits) if spec.datatype == "BYTES"
+                     else numeric_values(data, spec.datatype, spec.name))
         else:
             field = _TYPED.get(spec.datatype)
             if field is None:
@@ -183,7 +174,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
     def _detector(self, name: str, version: str, labels: dict[str, str]) -> Detector:
         if self.state.draining:
             raise NotReady()
-        detector = self.registry.resolve(name, _version(version))
+        detector = self.registry.resolve(name, requested_version(version))
         labels["model"], labels["version"] = detector.name, str(detector.version)
         return detector
 
@@ -200,7 +191,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
             if self.registry.started and not self.registry.known(request.name):
                 raise NotFound(f"unknown model {request.name[:128]!r}")
             ready = not self.state.draining and self.registry.model_ready(
-                request.name, _version(request.version))
+                request.name, requested_version(request.version))
             return pb.ModelReadyResponse(ready=ready)
 
         return await self._call("ModelReady", context, work)

@@ -162,7 +162,7 @@ def _input(spec: Any, binary: memoryview, offset: int, limits: Limits) -> tuple[
         raw = binary[offset:offset + size]
         value: np.ndarray | list[memoryview] = (bytes_elements(raw, name, limits)
                                            if datatype == "BYTES"
-                                           else _numeric(raw, datatype, name))
+                                           else numeric_values(raw, datatype, name))
         used = size
     else:
         data = spec.get("data")
@@ -178,7 +178,9 @@ def _input(spec: Any, binary: memoryview, offset: int, limits: Limits) -> tuple[
     return Tensor(name, datatype, shape, value), used
 
 
-def _numeric(raw: memoryview, datatype: str, name: str) -> np.ndarray:
+def numeric_values(raw: memoryview, datatype: str, name: str) -> np.ndarray:
+    """Raw little-endian values of ``datatype`` (the binary extension's, gRPC's raw
+    contents), copied out of the body."""
     dtype = NUMERIC.get(datatype)
     if dtype is None:
         raise InvalidRequest(f"input {name}: datatype {datatype} is not accepted")

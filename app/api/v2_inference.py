@@ -21,10 +21,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from app.api.v2_codec import InferRequest, Limits
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, NotFound
 from app.imaging import MAX_SIDE as MAX_TARGET_SIDE
 from app.imaging import PreparedImage
 from app.labels import label_name
+from app.model_repository import parse_version
 from app.service import Detector, Official
 
 T = TypeVar("T")
@@ -57,6 +58,15 @@ class OutputTensor:
                            else [item.decode() for row in self.value for item in row])
         return {"name": self.name, "datatype": self.datatype, "shape": self.shape,
                 "data": data}
+
+
+def requested_version(text: str | None) -> int | None:
+    """The version a path or a gRPC field names: Triton's are strings, ours positive
+    integers; any other is a version this server does not have (404)."""
+    try:
+        return parse_version(text)
+    except ValueError as exc:
+        raise NotFound(f"unknown version: {exc}") from None
 
 
 def limits_for(detector: Detector) -> Limits:

@@ -7,7 +7,7 @@ app.api.v2_inference.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -22,16 +22,14 @@ from app.api.v2_inference import (
     check_outputs,
     jobs,
     limits_for,
+    requested_version,
     result_tensors,
 )
 from app.errors import InvalidRequest, NotFound
 from app.service import Detector
 
-T = TypeVar("T")
-
 router = APIRouter(prefix="/v2", dependencies=[Depends(require_api_key)],
                    tags=["Open Inference Protocol (KServe v2)"])
-OUTPUTS = ("labels", "boxes", "scores", "names")
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -71,17 +69,8 @@ def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def _version(text: str | None) -> int | None:
-    """A path's version: Triton's are strings; ours positive integers (404 otherwise)."""
-    if text is None:
-        return None
-    if not (text.isascii() and text.isdigit() and len(text) <= 9 and int(text) > 0):
-        raise NotFound(f"unknown version {text[:32]!r}: versions are positive integers")
-    return int(text)
-
-
 def _loaded(request: Request, state: AppState, name: str, version: str | None) -> Detector:
-    return bind(request, state.registry.resolve(name, _version(version)))
+    return bind(request, state.registry.resolve(name, requested_version(version)))
 
 
 @router.get("", summary="Server metadata", responses=AUTH)
@@ -140,7 +129,7 @@ def _ready(state: AppState, name: str, version: str | None) -> Response:
     registry = state.registry
     if registry.started and not registry.known(name):
         raise NotFound(f"unknown model {name[:128]!r}")
-    ready = not state.draining and registry.model_ready(name, _version(version))
+    ready = not state.draining and registry.model_ready(name, requested_version(version))
     return Response(status_code=200 if ready else 400)
 
 
@@ -160,7 +149,7 @@ async def infer_version(name: str, version: str, request: Request, state: StateD
 async def _infer(request: Request, state: AppState, name: str, version: str | None
                  ) -> Response:
     # Run by the version the admission gate routed it to: that of the path.
-    detector = admitted(request, state, name, _version(version))
+    detector = admitted(request, state, name, requested_version(version))
     settings = detector.settings
     header = request.headers.get("inference-header-content-length")
     if header is not None and not (header.isascii() and header.isdigit() and len(header) <= 15):

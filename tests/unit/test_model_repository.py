@@ -16,7 +16,7 @@ import pytest
 from app.config import Settings, parse_input_size
 from app.errors import Conflict, InvalidRequest, LoadFailed, NotFound
 from app.metrics import Metrics
-from app.model_repository import VersionPolicy, scan
+from app.model_repository import VersionPolicy, parse_version, scan
 from app.registry import ModelRegistry
 from tests import onnx_models
 
@@ -104,6 +104,18 @@ def test_a_rewritten_version_changes_its_fingerprint(tmp_path: Path) -> None:
     before = scan(_settings(tmp_path), tmp_path)["a"].versions[1].fingerprint
     os.utime(path, ns=(1, 1))
     assert scan(_settings(tmp_path), tmp_path)["a"].versions[1].fingerprint != before
+
+
+@pytest.mark.parametrize(("text", "version"), [
+    (None, None), ("", None), ("1", 1), ("1000000000", 10**9)])
+def test_versions_parse_alike_everywhere(text: str | None, version: int | None) -> None:
+    assert parse_version(text) == version
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "1.0", "abc", "1000000001", "١", "9" * 40])
+def test_a_version_that_is_not_one_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="version"):
+        parse_version(text)
 
 
 @pytest.mark.parametrize(("text", "size"), [("640", (640, 640)), ("512x320", (512, 320))])
@@ -222,3 +234,6 @@ async def test_a_rewritten_version_is_rolled_in_and_a_broken_rewrite_leaves_the_
         assert registry.resolve("a") is second
         (status,) = registry.index()
         assert status.state == "READY" and "rewritten file failed to load" in status.reason
+        # The failed copy's metrics go; those of the copy serving under the same labels stay.
+        assert 'dfine_queue_depth{model="a",version="1"}' in \
+            registry.metrics.exposition().decode()
