@@ -205,7 +205,8 @@ class DynamicBatcher(Generic[P, R]):
                     run.abandoned = True
                     self._inflight -= 1
                     self._hung += 1
-                inflight = self._inflight
+                if late:
+                    self._observer.inflight_changed(self._inflight)
             for run in late:
                 log.error("engine run of %d image(s) still running after %.1f s: cut off",
                           len(run.batch), timeout_s)
@@ -215,8 +216,6 @@ class DynamicBatcher(Generic[P, R]):
                             "the engine did not answer in time"))
                 self._observer.batch_finished(len(run.batch), now - run.started, False)
                 self._add_thread()
-            if late:
-                self._observer.inflight_changed(inflight)
 
     async def submit(self, payload: P, timeout_s: float) -> R:
         """Queue one payload and wait for its result.
@@ -233,9 +232,10 @@ class DynamicBatcher(Generic[P, R]):
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(retry_after_s=max(1, round(self.max_delay_s + 1)))
             self._queue.append(item)
-            depth = len(self._queue)
             self._changed.notify()
-        self._observer.queue_changed(depth)
+            # Under the lock: the engine threads report too, and the gauge must end at the
+            # last depth, not whichever report came last.
+            self._observer.queue_changed(len(self._queue))
         try:
             done, _ = await asyncio.wait({item.future}, timeout=timeout_s)
         except asyncio.CancelledError:  # the client went away
@@ -253,9 +253,8 @@ class DynamicBatcher(Generic[P, R]):
             item.abandoned = True
             with contextlib.suppress(ValueError):
                 self._queue.remove(item)
-            depth = len(self._queue)
+            self._observer.queue_changed(len(self._queue))
         item.future.cancel()
-        self._observer.queue_changed(depth)
         self._observer.dropped(reason)
         return True
 
@@ -293,12 +292,11 @@ class DynamicBatcher(Generic[P, R]):
                 del batch[-1]
             if batch:
                 self._inflight += 1
-            depth, inflight = len(self._queue), self._inflight
+            self._observer.queue_changed(len(self._queue))
+            self._observer.inflight_changed(self._inflight)
         for item in expired:
             self._observer.dropped("expired")
             self._deliver(item, error=DeadlineExceeded())
-        self._observer.queue_changed(depth)
-        self._observer.inflight_changed(inflight)
         return batch
 
     def _work(self) -> None:
@@ -333,10 +331,9 @@ class DynamicBatcher(Generic[P, R]):
                     self._hung -= 1
                 else:
                     self._inflight -= 1
-                inflight = self._inflight
+                    self._observer.inflight_changed(self._inflight)
                 self._changed.notify_all()
             if not run.abandoned:
-                self._observer.inflight_changed(inflight)
                 self._observer.batch_finished(len(batch), self._clock() - started, ok)
         return not run.abandoned
 

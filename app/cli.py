@@ -105,9 +105,9 @@ def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     """uvicorn with the connection limits of app/http_protocol.py, no Server header, and no
     access log of its own (the service writes one with request ids and batch sizes)."""
     errors = app.state.dfine.metrics.errors
-    limits = ConnectionLimits(settings.header_timeout_s, settings.max_header_bytes,
-                              settings.max_connections, settings.write_timeout_s)
-    raise_open_file_limit(settings.max_connections)
+    limits = ConnectionLimits.from_settings(settings)
+    raise_open_file_limit(settings.max_connections
+                          + (settings.grpc_max_connections if settings.grpc_port else 0))
     protocol = guarded_protocol(limits, lambda code: errors.labels(code=code).inc())
     return uvicorn.Config(app, host=settings.host, port=settings.port,
                           log_level=settings.log_level, timeout_graceful_shutdown=None,

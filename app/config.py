@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     max_pixels: int = Field(25_000_000, ge=1, description="decoded width x height limit")
     max_batch_images: int = Field(16, ge=1, description="images in one /detect/batch request")
     api_key: str | None = Field(None, description="require this key (Bearer or X-API-Key)")
+    control_api_key: str | None = Field(
+        None, description="the key of the calls that change what is served (repository load "
+        "and unload; Bearer or X-API-Key); unset: those calls are refused (403) when API_KEY "
+        "is set, open when no key is")
     open_paths: str = Field(
         "/healthz,/readyz,/metrics",
         description="paths served without the API key, comma-separated")
@@ -134,6 +138,10 @@ class Settings(BaseSettings):
     write_timeout_s: float = Field(
         30.0, gt=0, description="a response the client does not read within this is dropped "
         "and its connection closed")
+    min_send_rate: int = Field(
+        512 * 1024, ge=1024, description="bytes/s: a response the client falls behind on must "
+        "be all sent within WRITE_TIMEOUT_S + its size at this rate (a 27 MB PNG: 30 + 52 s), "
+        "else it is dropped and its connection closed (and a render's place freed)")
     max_renders: int = Field(
         2, ge=1, description="/detect/render requests in flight (decoding, drawing, sending), "
         "at most; more get 503")
@@ -146,8 +154,31 @@ class Settings(BaseSettings):
         8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC (and the "
         "gRPC health service) on this port; 0: off")
     grpc_max_inflight: int = Field(
-        64, ge=1, le=1024, description="gRPC calls in progress at once, at most (each may hold "
-        "a whole message); more get RESOURCE_EXHAUSTED")
+        64, ge=1, le=1024, description="gRPC calls running at once (their message received), "
+        "at most; more get RESOURCE_EXHAUSTED. Calls waiting for or receiving their message are "
+        "bounded by GRPC_MAX_RECEIVING, the streams per connection and their deadline")
+    grpc_max_message_bytes: int = Field(
+        0, ge=0, description="the largest gRPC request message, refused by its length prefix "
+        "before it is read (RESOURCE_EXHAUSTED); 0: what a call of the most images carries, "
+        "MAX_BATCH_IMAGES files of MAX_UPLOAD_BYTES and 64 KiB of names and shapes, up to 80 "
+        "MiB (a FP32 batch of 16 images at 640x640 fits)")
+    grpc_max_receiving: int = Field(
+        4, ge=1, le=1024, description="gRPC calls receiving their request message at once, at "
+        "most, half of them from one connection (each may hold up to GRPC_MAX_MESSAGE_BYTES "
+        "until its message is whole); the others wait their turn, holding 4 KiB each")
+    grpc_max_connections: int = Field(
+        256, ge=1, description="gRPC connections open at once, at most (more are closed as "
+        "they come); apart from MAX_CONNECTIONS, so that HTTP always has its own")
+    grpc_max_streams_per_connection: int = Field(
+        128, ge=1, le=1024, description="gRPC calls at once on one connection, at most (HTTP/2 "
+        "MAX_CONCURRENT_STREAMS; keep it above what one client sends at once: gRPC core "
+        "refuses a stream at the bound before the client has seen the last one end)")
+    grpc_idle_timeout_s: float = Field(
+        60.0, gt=0, description="a gRPC connection with no call for this long is closed")
+    grpc_compression: bool = Field(
+        False, description="accept gzip- and deflate-compressed gRPC requests (16 KB of gzip "
+        "can expand to 16 MiB, up to GRPC_MAX_MESSAGE_BYTES); off: such calls get "
+        "UNIMPLEMENTED")
     log_level: LogLevel = Field("info", description="log level")
     log_format: LogFormat = Field(
         "text", description="text, or json: one JSON object a line, access log included")

@@ -73,6 +73,12 @@ class Unauthorized(ServiceError):
     code, status, message = "unauthorized", 401, "unauthorized"
 
 
+class Forbidden(ServiceError):
+    """A valid key that does not open this call (the inference key on a control call)."""
+
+    code, status, message = "forbidden", 403, "this key does not allow this call"
+
+
 class Overloaded(ServiceError):
     code, status, message = "overloaded", 503, "the service is at capacity; retry later"
 

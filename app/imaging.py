@@ -69,6 +69,18 @@ MAX_JPEG_SEGMENTS = 1000
 MAX_PNG_CHUNKS = 16384
 MAX_WEBP_CHUNKS = 1000
 MAX_GIF_BLOCKS = 4096  # extension sub-blocks before the first image (PIL reads them in Python)
+# PIL parses each "8BIM" resource of a Photoshop APP13 segment in Python: 255 segments packed
+# with empty resources (16 MiB) cost 1 s. Photoshop writes a few dozen.
+MAX_PHOTOSHOP_RESOURCES = 4096
+# TIFF: PIL reads every entry of a directory, unpacks every value of the EXIF, GPS and Interop
+# directories and those of the tags it reads (a fraction is a Python object each), and builds
+# one tile per strip or tile in a Python loop: a 1x2 image with 1.86M strip offsets held a
+# decode worker 15 s, 2M fractions in XResolution 4.6 s. libtiff's 8 KiB strips are 9,200 for
+# a 25 MP RGB image; a directory holds a few dozen entries, a handful of fractions.
+MAX_TIFF_ENTRIES = 1000  # in one directory
+MAX_TIFF_STRIPS = 32768  # strips or tiles (the length of their offset and byte-count tables)
+MAX_TIFF_NUMBERS = 1 << 20  # numbers in all other entries together (a colour map: 768)
+MAX_TIFF_FRACTIONS = 4096  # RATIONAL and SRATIONAL values in all entries together
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ def _jpeg_header(data: bytes) -> tuple[tuple[int, int] | None, int]:
     after ``FF 00`` garbage is still read), the first frame header the size."""
     size: tuple[int, int] | None = None
     orientation = 1
-    i, end, steps = 2, len(data), 0
+    i, end, steps, resources = 2, len(data), 0, 0
     while True:
         start = data.find(b"\xff", i)
         if start < 0:
@@ -119,6 +131,11 @@ def _jpeg_header(data: bytes) -> tuple[tuple[int, int] | None, int]:
                 size = (width, height)
         elif marker == 0xE1 and orientation == 1 and body.startswith(b"Exif\x00\x00"):
             orientation = tiff_orientation(body)
+        elif marker == 0xED and body.startswith(b"Photoshop 3.0\x00"):
+            resources += body.count(b"8BIM")  # an upper bound of what PIL's loop reads
+            if resources > MAX_PHOTOSHOP_RESOURCES:
+                raise InvalidImage("the JPEG has more than "
+                                   f"{MAX_PHOTOSHOP_RESOURCES} Photoshop resources")
         i += length
     return size, orientation
 
@@ -131,7 +148,7 @@ def _tiff_size_tags(data: bytes) -> list[tuple[int, int]]:
         return []
     (count,) = struct.unpack(order + "H", data[offset:offset + 2])
     found = []
-    for k in range(count):
+    for k in range(min(count, MAX_TIFF_ENTRIES)):  # the walk refuses a longer directory
         entry = data[offset + 2 + 12 * k: offset + 14 + 12 * k]
         if len(entry) < 12:
             break
@@ -147,6 +164,96 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     if 256 in size and 257 in size:
         return size[256], size[257]
     return None
+
+
+_TIFF_TABLES = (273, 279, 324, 325)  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
+_TIFF_FRACTIONS = (5, 10)  # RATIONAL, SRATIONAL
+_TIFF_BYTES = (1, 2, 7)  # BYTE, ASCII, UNDEFINED: PIL keeps them as one bytes or str object
+# Directories PIL reads besides the first: EXIF and GPS from it, Interop from EXIF's.
+_TIFF_SUB_DIRECTORIES = {0: (34665, 34853), 34665: (40965,)}
+
+
+@dataclass
+class _TiffCounts:
+    """What the walk has counted so far, across the directories PIL reads."""
+
+    numbers: int = 0
+    fractions: int = 0
+
+
+TiffEntry = tuple[int, int, int, bytes]
+
+
+def _tiff_entries(data: bytes, offset: int, order: str) -> list[TiffEntry]:
+    """(tag, type, count, the 4 bytes of its value or offset) of each entry of the directory
+    at ``offset``, refused past MAX_TIFF_ENTRIES before any is read; a directory cut short
+    yields the entries present (what PIL reads of it)."""
+    if offset + 2 > len(data):
+        return []
+    (count,) = struct.unpack_from(order + "H", data, offset)
+    if count > MAX_TIFF_ENTRIES:
+        raise InvalidImage(f"a TIFF directory has {count} entries; at most "
+                           f"{MAX_TIFF_ENTRIES} are read")
+    table = data[offset + 2:offset + 2 + 12 * count]
+    return list(struct.iter_unpack(order + "HHI4s", table[:len(table) // 12 * 12]))
+
+
+def _tiff_count(entries: list[TiffEntry], counts: _TiffCounts) -> None:
+    for tag, kind, count, _ in entries:
+        if tag in _TIFF_TABLES:
+            if count > MAX_TIFF_STRIPS:
+                raise InvalidImage(f"the TIFF has {count} strips or tiles; at most "
+                                   f"{MAX_TIFF_STRIPS} are decoded")
+        elif kind in _TIFF_FRACTIONS:
+            counts.fractions += count
+        elif kind not in _TIFF_BYTES:
+            counts.numbers += count
+    if counts.fractions > MAX_TIFF_FRACTIONS:
+        raise InvalidImage(f"the TIFF's directories hold more than {MAX_TIFF_FRACTIONS} "
+                           "fractions")
+    if counts.numbers > MAX_TIFF_NUMBERS:
+        raise InvalidImage(f"the TIFF's directories hold more than {MAX_TIFF_NUMBERS} numbers")
+
+
+def _tiff_walk(data: bytes) -> None:
+    """Refuse a TIFF whose first directory, or the EXIF, GPS and Interop directories PIL reads
+    with it, would hold a decode worker in PIL's Python loops (see MAX_TIFF_ENTRIES): counts
+    read from the entries' headers, values never unpacked; four directories at most."""
+    order = "<" if data[:2] == b"II" else ">"
+    (first,) = struct.unpack_from(order + "I", data, 4)
+    counts = _TiffCounts()
+    pending, seen = [(0, first)], set()
+    while pending:
+        kind, offset = pending.pop()
+        if offset in seen:
+            continue
+        seen.add(offset)
+        entries = _tiff_entries(data, offset, order)
+        _tiff_count(entries, counts)
+        pending += _tiff_sub_directories(data, order, entries,
+                                         _TIFF_SUB_DIRECTORIES.get(kind, ()))
+
+
+# How PIL reads a pointer of each integer type: within the entry, or (8 bytes) where it points.
+_TIFF_POINTER_FORMATS = {3: "H", 4: "I", 8: "h", 9: "i", 13: "I", 16: "Q", 17: "q", 18: "Q"}
+
+
+def _tiff_sub_directories(data: bytes, order: str, entries: list[TiffEntry],
+                          tags: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(tag, offset) of the directories these entries point to, read as PIL reads them: the
+    first entry of each tag only (PIL ignores a repeated one), its value as its type says."""
+    found: dict[int, int] = {}
+    for tag, kind, count, raw in entries:
+        fmt = _TIFF_POINTER_FORMATS.get(kind)
+        if tag not in tags or tag in found or count != 1 or fmt is None:
+            continue
+        if struct.calcsize(fmt) > 4:
+            (at,) = struct.unpack(order + "I", raw)
+            raw = data[at:at + 8]
+            if len(raw) < 8:
+                continue
+        (found[tag],) = struct.unpack_from(order + fmt, raw)
+    return [(tag, offset) for tag, offset in found.items() if offset >= 0]
 
 
 def check_format(data: bytes) -> None:
@@ -231,6 +338,19 @@ def _webp_orientation(data: bytes) -> int:
     raise InvalidImage(f"the WebP has more than {MAX_WEBP_CHUNKS} chunks")
 
 
+_BMP_INFO_HEADERS = (40, 52, 56, 64, 108, 124)  # the sizes whose header has a compression field
+_BMP_RLE = (1, 2)  # BI_RLE8, BI_RLE4
+
+
+def is_rle_bmp(data: bytes) -> bool:
+    """Whether the data is a BMP whose pixels are run-length encoded (RLE8 or RLE4), as PIL
+    tells them: by the compression field of an info header, whatever the bit depth."""
+    if data[:2] != b"BM" or len(data) < 34:
+        return False
+    header_size, compression = struct.unpack_from("<I12xI", data, 14)
+    return header_size in _BMP_INFO_HEADERS and compression in _BMP_RLE
+
+
 def read_header(data: bytes) -> Header:
     """(width, height) read from the header of PNG, JPEG, GIF, BMP, WebP and TIFF files, without
     decoding pixels (None when the header is cut short), and the EXIF orientation of JPEG,
@@ -262,6 +382,7 @@ def read_header(data: bytes) -> Header:
                                int.from_bytes(data[27:30], "little") + 1),
                               _webp_orientation(data))
         if data[:4] in (b"II*\x00", b"MM\x00*") and len(data) >= 8:
+            _tiff_walk(data)
             return Header(_tiff_size(data))
     except struct.error:
         return Header(None)

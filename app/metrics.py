@@ -28,7 +28,7 @@ LATENCY_BUCKETS_S = (
     0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
 )
 ERROR_CODES = ("invalid_image", "payload_too_large", "image_too_large", "unsupported_media_type",
-               "invalid_request", "not_found", "unauthorized", "request_timeout",
+               "invalid_request", "not_found", "unauthorized", "forbidden", "request_timeout",
                "headers_too_large",
                "client_closed", "overloaded", "not_ready", "timeout", "internal", "conflict",
                "load_failed")

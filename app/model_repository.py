@@ -29,8 +29,10 @@ MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
 SETTINGS_FILE = "settings.json"
 MAX_SETTINGS_BYTES = 64 * 1024
-# Names are used in URLs, metric labels and logs: keep them plain.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Names are used in URLs, metric labels, logs and as directory names: keep them plain. A
+# plain name is never a path (no separator, not "." or "..", no leading dot) and never too
+# long for a file system. \A and \Z, not ^ and $: "$" matches before a trailing newline.
+NAME_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 MAX_VERSION = 10**9
 # What a model may set for itself; the rest (limits, ports, keys) is the service's.
 PER_MODEL_SETTINGS = frozenset({
@@ -162,8 +164,40 @@ def per_model_settings(base: Settings, directory: Path) -> tuple[Settings, Versi
     return settings, policy
 
 
-def scan_model(base: Settings, directory: Path) -> ModelEntry:
-    name = directory.name
+def check_name(name: str) -> None:
+    """ValueError unless ``name`` follows the repository's naming rule (NAME_PATTERN): the one
+    check of every model name a client gives, on every route and protocol."""
+    if not NAME_PATTERN.match(name):
+        shown = f"{name[:64]!r}{'...' if len(name) > 64 else ''}"
+        raise ValueError(f"{shown} is not a model name: 1 to 128 letters, digits, '_', '.' "
+                         f"or '-', starting with a letter or a digit")
+
+
+def model_directory(root: Path, name: str) -> Path:
+    """Where model ``name`` lives in repository ``root``; ValueError for a name that is not a
+    model's (so that a name never reaches a path outside ``root``)."""
+    check_name(name)
+    return root / name
+
+
+def _outside(root: Path, directory: Path) -> str | None:
+    """Why ``directory`` is not the repository's own (a link that leads out of it), or None.
+    Only the model's directory is held to this: what it holds (a linked model.onnx) is the
+    operator's to arrange."""
+    try:
+        inside = directory.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13)
+        return "its directory cannot be resolved (a loop of links?)"
+    return None if inside else "its directory is a link to outside the model repository"
+
+
+def scan_model(base: Settings, root: Path, name: str) -> ModelEntry:
+    """Model ``name`` of repository ``root`` as found (its directory must exist); ValueError
+    for a name that is not a model's."""
+    directory = model_directory(root, name)
+    outside = _outside(root, directory)
+    if outside is not None:
+        return ModelEntry(name, error=outside)
     try:
         settings, policy = per_model_settings(base, directory)
     except (OSError, ValueError) as exc:
@@ -188,7 +222,7 @@ def scan(base: Settings, root: Path) -> dict[str, ModelEntry]:
     """Every model directory under ``root`` (a name that is not plain is skipped)."""
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} is not a directory")
-    return {child.name: scan_model(base, child) for child in sorted(root.iterdir())
+    return {child.name: scan_model(base, root, child.name) for child in sorted(root.iterdir())
             if child.is_dir() and NAME_PATTERN.match(child.name)}
 
 

@@ -24,12 +24,22 @@ from typing import Literal
 
 import numpy as np
 
+from app.api.grpc_gate import memory_bound_bytes as grpc_memory_bound_bytes
 from app.config import Settings
 from app.engine.engine import OnnxEngine
 from app.engine.instant import load_engine
 from app.errors import Conflict, InvalidRequest, LoadFailed, NotFound, NotReady
 from app.metrics import Metrics, VersionMetrics
-from app.model_repository import Fingerprint, ModelEntry, scan, scan_model, single_model
+from app.model_repository import (
+    MODEL_FILE,
+    Fingerprint,
+    ModelEntry,
+    check_name,
+    model_directory,
+    scan,
+    scan_model,
+    single_model,
+)
 from app.service import Detector
 from app.trim import libc_trim
 
@@ -130,6 +140,7 @@ class ModelRegistry:
         name = name or self.default_name()
         versions = self._serving.get(name)
         if not versions:
+            self.validate_name(name)
             if any(s.state == "LOADING" for (n, _), s in self._status.items() if n == name):
                 raise NotReady(f"model {name[:128]!r} is loading")
             if name in self._entries:
@@ -188,14 +199,24 @@ class ModelRegistry:
     def known(self, name: str) -> bool:
         return name in self._entries or name in self._serving
 
+    def validate_name(self, name: str) -> None:
+        """Every name a client gives passes here before anything is looked up or read: one
+        the service knows, or one that follows the repository's naming rule; InvalidRequest
+        otherwise. (A known name may break the rule: MODEL_PATH's stem names its model.)"""
+        if self.known(name):
+            return
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+
     @property
     def memory_bound_bytes(self) -> int:
         """What requests may hold at once across every loaded version, the slow uploads, and
         the gRPC messages being read (docs: "Memory")."""
         settings = self.settings
-        # gRPC reads a whole message before its call runs: each call in flight may hold one.
-        grpc_messages = settings.grpc_max_inflight * settings.max_batch_images \
-            * settings.max_upload_bytes if settings.grpc_port else 0
+        # gRPC messages being received (admitted ones hold places, counted per version).
+        grpc_messages = grpc_memory_bound_bytes(settings)
         return (sum(d.memory_bound_bytes for d in self.detectors())
                 + settings.max_slow_uploads * settings.max_upload_bytes + grpc_messages)
 
@@ -211,8 +232,11 @@ class ModelRegistry:
         if root is None:
             entry = single_model(self.settings)
             return entry if entry.name == name else None
-        directory = root / name
-        return scan_model(self.settings, directory) if directory.is_dir() else None
+        try:
+            directory = model_directory(root, name)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        return scan_model(self.settings, root, name) if directory.is_dir() else None
 
     async def start(self, engine: OnnxEngine | None = None) -> None:
         """Load what the repository wants (or serve ``engine``, already loaded)."""
@@ -264,10 +288,16 @@ class ModelRegistry:
         """MODEL_CONTROL=explicit: load (or reload) a model's versions as its policy says;
         versions that failed before are tried again."""
         self._check_control("load")
+        self.validate_name(name)
         async with self._changes:
             entry = await asyncio.to_thread(self._scan_one, name)
             if entry is None:
-                raise NotFound(f"no model {name[:128]!r} in the repository")
+                raise NotFound(f"no model {name!r} in the repository")
+            if entry.error is None and not entry.wanted:
+                # Loaded, it would serve nothing and hold readiness until unloaded.
+                raise LoadFailed(f"model {name!r} has no version to serve (a directory "
+                                 f"<version>/{MODEL_FILE} that its version policy wants); "
+                                 f"what served before serves on")
             for version in entry.wanted:
                 self._failed.pop((name, version), None)
             await self._apply({**self._entries, name: entry}, only=name, strict=True)
@@ -277,9 +307,10 @@ class ModelRegistry:
         """MODEL_CONTROL=explicit: stop serving every version of a model (its requests get
         404 from now on); they drain and are released in the background."""
         self._check_control("unload")
+        self.validate_name(name)
         async with self._changes:
             if not self.known(name):
-                raise NotFound(f"no model {name[:128]!r} in the repository")
+                raise NotFound(f"no model {name!r} in the repository")
             self._wanted.discard(name)
             for version in list(self._serving.get(name, {})):
                 self._retire(name, version, "unloaded")

@@ -8,17 +8,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import cv2
 import httpx
 import numpy as np
 
 from app.bench.cli import free_port
+from app.bench.stats import metric_value
 from models.synthetic import CLASSES, render
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "dfine_n_shapes.onnx"
@@ -53,6 +56,73 @@ def assert_same_detections(got: list[dict[str, Any]], want: list[dict[str, Any]]
     for a, b in zip(got, want):
         assert abs(a["score"] - b["score"]) < 1e-3
         assert box_iou(tuple(a["box"].values()), tuple(b["box"].values())) > 0.99
+
+
+def wait_until(predicate: Callable[[], T], timeout_s: float, what: str,
+               interval_s: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that. Fails after
+    ``timeout_s`` naming ``what`` and the last value seen: a test waits for a condition, never
+    for a fixed time (a loaded CI machine can be several times slower)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what} "
+                                 f"(last: {value!r})")
+        time.sleep(interval_s)
+
+
+@overload
+async def wait_until_async(predicate: Callable[[], Awaitable[T]], timeout_s: float, what: str,
+                           interval_s: float = ...) -> T: ...
+
+
+@overload
+async def wait_until_async(predicate: Callable[[], T], timeout_s: float, what: str,
+                           interval_s: float = ...) -> T: ...
+
+
+async def wait_until_async(predicate: Callable[[], Any], timeout_s: float, what: str,
+                           interval_s: float = 0.005) -> Any:
+    """``wait_until`` inside an event loop: sleeps without blocking it; ``predicate`` may be a
+    coroutine function."""
+    import asyncio
+    import inspect
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what} "
+                                 f"(last: {value!r})")
+        await asyncio.sleep(interval_s)
+
+
+def scrape(url: str, headers: dict[str, str] | None = None) -> str:
+    """The service's /metrics text."""
+    return httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
+
+
+def metric(url: str, selector: str, headers: dict[str, str] | None = None) -> float:
+    """One metric (summed over the series ``selector`` matches) from the service's /metrics."""
+    return metric_value(scrape(url, headers), selector)
+
+
+def wait_for_metrics(url: str, condition: Callable[[str], bool], timeout_s: float, what: str,
+                     headers: dict[str, str] | None = None, interval_s: float = 0.05) -> str:
+    """The first /metrics text (polled) that ``condition`` accepts; fails after ``timeout_s``."""
+
+    def accepted() -> str:
+        text = scrape(url, headers)
+        return text if condition(text) else ""
+
+    return wait_until(accepted, timeout_s, what, interval_s)
 
 
 @dataclass

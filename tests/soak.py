@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from app.bench.images import synthetic_jpegs
@@ -51,6 +52,15 @@ async def send(port: int, bodies: list[bytes], total: int, concurrency: int) -> 
     return statuses
 
 
+def settled(count: Callable[[], int], target: int, timeout_s: float) -> int:
+    """``count()`` once it is at most ``target``, or its value after ``timeout_s`` (for the
+    caller to judge)."""
+    deadline = time.monotonic() + timeout_s
+    while (value := count()) > target and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
 def soak(requests: int, warmup: int, concurrency: int) -> dict[str, float]:
     bodies = synthetic_jpegs(8, 320, 240)
     with tempfile.TemporaryDirectory() as tmp, run_server(Path(tmp)) as server:
@@ -60,8 +70,10 @@ def soak(requests: int, warmup: int, concurrency: int) -> dict[str, float]:
         started = time.perf_counter()
         statuses = asyncio.run(send(port, bodies, requests, concurrency))
         elapsed = time.perf_counter() - started
-        time.sleep(0.5)  # let closed connections be reaped
-        rss_after, fds_after = rss_mb(pid), open_fds(pid)
+        # The server closes its side of each connection once it sees the client's close: give
+        # it time to, without waiting longer than that takes.
+        fds_after = settled(lambda: open_fds(pid), fds_before, timeout_s=15)
+        rss_after = rss_mb(pid)
     return {"requests": requests, "ok": statuses.get(200, 0), "seconds": round(elapsed, 1),
             "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
             "rss_growth": round(rss_after / rss_before - 1, 4),

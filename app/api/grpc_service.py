@@ -1,40 +1,40 @@
 """The Open Inference Protocol over gRPC (KServe v2 ``inference.GRPCInferenceService``, as
 tritonclient.grpc calls it), in the service's process and event loop: the same registry,
-batchers, admission places, limits, API key and metrics as the REST routes. The messages and
-the service stub are the generated modules tritonclient ships (``tritonclient.grpc``): no
-hand-made wire format.
+batchers, admission places, limits, API key and metrics as the REST routes. The messages are
+the generated ones tritonclient ships (``tritonclient.grpc``): no hand-made message format.
 
 Errors are gRPC status codes (``STATUS_OF``); the standard health service
 (``grpc.health.v1.Health``) answers probes, SERVING while the service is ready.
+
+What a client can make the server hold is bounded before a message is read (see "Memory" in
+docs/limits-and-reliability.md): each method is registered client-streaming over raw bytes,
+so that its handler runs when the call's headers arrive, checks the key, and reads the one
+message only with a turn to receive (app.api.grpc_gate) and within a deadline; messages are
+walked before they are parsed (app.api.grpc_wire), in a worker thread. gRPC core bounds the
+rest: the message size (checked on its length prefix, before it is buffered), streams per
+connection, connections, idle connections, and compression (off unless GRPC_COMPRESSION).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
-import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from app.api.deps import AppState
-from app.api.uploads import MULTIPART_OVERHEAD_BYTES
-from app.api.v2_codec import (
-    NUMERIC,
-    InferRequest,
-    Limits,
-    Tensor,
-    bytes_elements,
-    numeric_values,
-)
+from app.api.grpc_gate import HEALTH_TURNS, LOOKAHEAD_BYTES, ReceiveTurns, message_limit
+from app.api.grpc_wire import parse_infer_request, parse_small, request_target
+from app.api.keys import authorize, authorize_control
 from app.api.v2_inference import (
     all_or_none,
     check_outputs,
@@ -44,13 +44,14 @@ from app.api.v2_inference import (
     requested_version,
     result_tensors,
 )
-from app.errors import InvalidRequest, NotFound, NotReady, ServiceError, Unauthorized
+from app.errors import InvalidRequest, NotFound, NotReady, Overloaded, ReadTimeout, ServiceError
 from app.service import Detector
+from app.trim import IdleTrimmer
 
 log = logging.getLogger("dfine.grpc")
 
-T = TypeVar("T")
 SERVICE = "inference.GRPCInferenceService"
+HEALTH_SERVICE = "grpc.health.v1.Health"
 # The error codes of app.errors, as gRPC says them.
 STATUS_OF = {
     "invalid_image": grpc.StatusCode.INVALID_ARGUMENT,
@@ -65,111 +66,159 @@ STATUS_OF = {
     "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
     "request_timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
     "unauthorized": grpc.StatusCode.UNAUTHENTICATED,
+    "forbidden": grpc.StatusCode.PERMISSION_DENIED,
     "conflict": grpc.StatusCode.FAILED_PRECONDITION,
     "client_closed": grpc.StatusCode.CANCELLED,
     "internal": grpc.StatusCode.INTERNAL,
 }
-_TYPED = {"FP32": "fp32_contents", "INT64": "int64_contents", "INT32": "int_contents",
-          "BYTES": "bytes_contents"}
 
 
-def message_limit(state: AppState) -> int:
-    """The largest request a client may send: MAX_BATCH_IMAGES files of MAX_UPLOAD_BYTES."""
-    settings = state.settings
-    return settings.max_batch_images * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+@dataclass
+class Turn:
+    """A call's turn to receive, given back once: when its message is admitted (places
+    taken for it), refused, or the call ends."""
+
+    turns: ReceiveTurns
+    connection: str
+    held: bool = True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.turns.give_back(self.connection)
 
 
-def _tensors(request: Any, limits: Limits) -> dict[str, Tensor]:
-    """The request's inputs, from raw_input_contents (tritonclient's way) or typed contents,
-    with the REST form's bounds."""
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidRequest("raw_input_contents must hold one entry per input")
-    tensors = {}
-    for index, spec in enumerate(request.inputs):
-        shape = list(spec.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidRequest(f"input {spec.name[:64]}: a shape of sizes")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        budget = limits.max_images if spec.datatype == "BYTES" else limits.max_elements
-        if count > budget:
-            raise InvalidRequest(f"input {spec.name[:64]}: {count} elements; at most {budget} "
-                                 f"for this model")
-        value: np.ndarray | list[memoryview]
-        if raw:
-            data = memoryview(raw[index])
-            value = (bytes_elements(data, spec.name, limits) if spec.datatype == "BYTES"
-                     else numeric_values(data, spec.datatype, spec.name))
-        else:
-            field = _TYPED.get(spec.datatype)
-            if field is None:
-                raise InvalidRequest(f"input {spec.name[:64]}: datatype {spec.datatype} is "
-                                     f"not accepted")
-            contents = getattr(spec.contents, field)
-            if spec.datatype == "BYTES":
-                if any(len(item) > limits.max_image_bytes for item in contents):
-                    raise InvalidRequest(f"input {spec.name[:64]}: an image is over "
-                                         f"{limits.max_image_bytes} bytes")
-                value = [memoryview(item) for item in contents]
-            else:
-                value = np.asarray(contents, NUMERIC[spec.datatype])
-        if len(value) != count:
-            raise InvalidRequest(f"input {spec.name[:64]}: {len(value)} elements for shape "
-                                 f"{shape[:8]}")
-        if isinstance(value, np.ndarray):
-            value = value.reshape(shape)
-        tensors[spec.name] = Tensor(spec.name, spec.datatype, shape, value)
-    return tensors
+async def receive(context: Any, turns: ReceiveTurns, timeout_s: float) -> tuple[bytes, Turn]:
+    """The call's one message, read with a turn (which the caller gives back) within
+    ``timeout_s`` of now; ReadTimeout (DEADLINE_EXCEEDED) past it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    connection = context.peer() or ""
+    await turns.take(connection, timeout_s)
+    turn = Turn(turns, connection)
+    try:
+        message = await asyncio.wait_for(context.read(), max(0.0, deadline - loop.time()))
+    except TimeoutError:
+        turn.give_back()
+        raise ReadTimeout("the request message did not arrive in time") from None
+    except BaseException:
+        turn.give_back()
+        raise
+    if message is grpc.aio.EOF:
+        turn.give_back()
+        raise InvalidRequest("the call carried no request message")
+    return message, turn
 
 
-def _parsed(request: Any, limits: Limits) -> InferRequest:
-    wanted = [o.name for o in request.outputs] or None
-    return InferRequest(request.id or None, _tensors(request, limits), wanted)
+Work = Callable[[Any, dict[str, str], Turn], Awaitable[Any]]
 
 
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, state: AppState) -> None:
+@dataclass(frozen=True)
+class Method:
+    """One method of the inference service: its request message, and whether it carries
+    tensors (ModelInfer: the upload deadline, parsed in a thread) or changes what is served
+    (the control key)."""
+
+    name: str
+    request: Any
+    infer: bool = False
+    control: bool = False
+
+
+METHODS = (
+    Method("ServerLive", pb.ServerLiveRequest), Method("ServerReady", pb.ServerReadyRequest),
+    Method("ModelReady", pb.ModelReadyRequest),
+    Method("ServerMetadata", pb.ServerMetadataRequest),
+    Method("ModelMetadata", pb.ModelMetadataRequest),
+    Method("ModelInfer", pb.ModelInferRequest, infer=True),
+    Method("RepositoryIndex", pb.RepositoryIndexRequest),
+    Method("RepositoryModelLoad", pb.RepositoryModelLoadRequest, control=True),
+    Method("RepositoryModelUnload", pb.RepositoryModelUnloadRequest, control=True),
+)
+
+
+def _serialize(message: Any) -> bytes:
+    return bytes(message.SerializeToString())
+
+
+class InferenceService:
+    def __init__(self, state: AppState, turns: ReceiveTurns) -> None:
         self.state = state
         self.registry = state.registry
+        self.turns = turns
+        self.calls = 0  # calls with their message, running (GRPC_MAX_INFLIGHT)
 
-    async def _call(self, name: str, context: grpc.aio.ServicerContext,
-                    work: Callable[[dict[str, str]], Awaitable[T]]) -> T:
-        """Check the API key, run ``work`` (given a dict for the metrics' model labels),
-        count it as REST requests are counted, and turn a ServiceError into its status."""
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Every method client-streaming over raw bytes (see the module's docstring)."""
+        table = {m.name: grpc.stream_unary_rpc_method_handler(
+            self._serve(m), response_serializer=_serialize) for m in METHODS}
+        return grpc.method_handlers_generic_handler(SERVICE, table)
+
+    def _serve(self, method: Method) -> Callable[[Any, Any], Awaitable[Any]]:
+        work: Work = getattr(self, method.name)
+
+        async def serve(_requests: Any, context: Any) -> Any:
+            return await self._call(method, context, work)
+
+        return serve
+
+    async def _call(self, method: Method, context: Any, work: Work) -> Any:
+        """Check the key, receive and parse the message, run ``work`` (given a dict for the
+        metrics' model labels), count it as REST requests are counted (by the status it
+        ends with), and turn a ServiceError into its status; anything else is INTERNAL."""
         started = time.perf_counter()
         labels = {"model": "", "version": ""}
         status = 200
+        turn: Turn | None = None
         try:
-            self._authorize(context)
-            return await work(labels)
+            headers = _headers(context)
+            (authorize_control if method.control else authorize)(self.state.settings, headers)
+            settings = self.state.settings
+            message, turn = await receive(context, self.turns, settings.upload_timeout_s
+                                          if method.infer else settings.header_timeout_s)
+            request = message if method.infer else parse_small(message, method.request)
+            with self._running():
+                return await work(request, labels, turn)
         except ServiceError as exc:
             status = exc.status
-            self.state.metrics.errors.labels(code=exc.code).inc()
-            await context.abort(STATUS_OF.get(exc.code, grpc.StatusCode.UNKNOWN), exc.message)
-            raise AssertionError("abort returned") from None  # abort raises
+            await self._abort(context, exc.code, STATUS_OF.get(exc.code), exc.message)
         except asyncio.CancelledError:
             status = 499
             raise
+        except grpc.aio.AbortError:  # aborted already, with its own status
+            raise
+        except Exception:
+            status = 500
+            log.exception("gRPC %s failed", method.name)
+            await self._abort(context, "internal", grpc.StatusCode.INTERNAL, "internal error")
         finally:
-            endpoint = f"grpc:{name}"
+            if turn is not None:
+                turn.give_back()
+            endpoint = f"grpc:{method.name}"
             self.state.metrics.requests.labels(endpoint, str(status), labels["model"],
                                                labels["version"]).inc()
             self.state.metrics.request_duration.labels(
                 endpoint, labels["model"], labels["version"]).observe(
                 time.perf_counter() - started)
+        raise AssertionError("abort returned")  # abort raises
 
-    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        expected = self.state.settings.api_key
-        if not expected:
-            return
-        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())
-                    if isinstance(v, str)}
-        given = metadata.get("x-api-key") or None
-        if given is None:
-            scheme, _, token = metadata.get("authorization", "").partition(" ")
-            given = token.strip() if scheme.lower() == "bearer" else ""
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise Unauthorized()
+    async def _abort(self, context: Any, code: str, status: grpc.StatusCode | None,
+                     message: str) -> None:
+        self.state.metrics.errors.labels(code=code).inc()
+        await context.abort(status or grpc.StatusCode.INTERNAL, message)
+
+    @contextlib.contextmanager
+    def _running(self) -> Any:
+        """A place among the GRPC_MAX_INFLIGHT calls that run at once (RESOURCE_EXHAUSTED
+        past it). Calls still waiting for, or receiving, their message hold none: they are
+        bounded by their turns, streams and deadline."""
+        if self.calls >= self.state.settings.grpc_max_inflight:
+            raise Overloaded()
+        self.calls += 1
+        try:
+            yield
+        finally:
+            self.calls -= 1
 
     def _detector(self, name: str, version: str, labels: dict[str, str]) -> Detector:
         if self.state.draining:
@@ -178,95 +227,140 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         labels["model"], labels["version"] = detector.name, str(detector.version)
         return detector
 
-    async def ServerLive(self, request: Any, context: Any) -> Any:
-        return await self._call("ServerLive", context,
-                                lambda _: _done(pb.ServerLiveResponse(live=True)))
+    async def ServerLive(self, request: Any, labels: dict[str, str], turn: Turn) -> Any:
+        return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: Any, context: Any) -> Any:
-        return await self._call("ServerReady", context, lambda _: _done(
-            pb.ServerReadyResponse(ready=self.state.ready)))
+    async def ServerReady(self, request: Any, labels: dict[str, str], turn: Turn) -> Any:
+        return pb.ServerReadyResponse(ready=self.state.ready)
 
-    async def ModelReady(self, request: Any, context: Any) -> Any:
-        async def work(labels: dict[str, str]) -> Any:
-            if self.registry.started and not self.registry.known(request.name):
-                raise NotFound(f"unknown model {request.name[:128]!r}")
-            ready = not self.state.draining and self.registry.model_ready(
-                request.name, requested_version(request.version))
-            return pb.ModelReadyResponse(ready=ready)
+    async def ModelReady(self, request: Any, labels: dict[str, str], turn: Turn) -> Any:
+        if self.registry.started and not self.registry.known(request.name):
+            raise NotFound(f"unknown model {request.name[:128]!r}")
+        ready = not self.state.draining and self.registry.model_ready(
+            request.name, requested_version(request.version))
+        return pb.ModelReadyResponse(ready=ready)
 
-        return await self._call("ModelReady", context, work)
+    async def ServerMetadata(self, request: Any, labels: dict[str, str], turn: Turn) -> Any:
+        return pb.ServerMetadataResponse(name="dfine-serve", version="0.1.0",
+                                         extensions=["model_repository"])
 
-    async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        return await self._call("ServerMetadata", context, lambda _: _done(
-            pb.ServerMetadataResponse(name="dfine-serve", version="0.1.0",
-                                      extensions=["model_repository"])))
+    async def ModelMetadata(self, request: Any, labels: dict[str, str], turn: Turn) -> Any:
+        detector = self._detector(request.name, request.version, labels)
+        meta = model_metadata(detector, [detector.version] if request.version
+                              else self.registry.versions_of(request.name))
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]],
+            outputs=[tensor(**t) for t in meta["outputs"]])
 
-    async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        async def work(labels: dict[str, str]) -> Any:
-            detector = self._detector(request.name, request.version, labels)
-            meta = model_metadata(detector, [detector.version] if request.version
-                                  else self.registry.versions_of(request.name))
-            tensor = pb.ModelMetadataResponse.TensorMetadata
-            return pb.ModelMetadataResponse(
-                name=meta["name"], versions=meta["versions"], platform=meta["platform"],
-                inputs=[tensor(**t) for t in meta["inputs"]],
-                outputs=[tensor(**t) for t in meta["outputs"]])
+    async def ModelInfer(self, message: bytes, labels: dict[str, str], turn: Turn) -> Any:
+        # Names first (a walk of the message's top level), so that the model's limits bound
+        # the rest of the walk.
+        name, version = await asyncio.to_thread(request_target, message)
+        detector = self._detector(name, version, labels)
+        parsed, request = await asyncio.to_thread(parse_infer_request, message,
+                                                  limits_for(detector))
+        check_outputs(parsed.outputs)
+        work_items = await asyncio.to_thread(jobs, parsed, detector)
+        # Places for its images, or for its size in uploads if that is more: what it holds
+        # is then counted as a REST body is (the docs' "Memory"); the turn goes to the next.
+        places = max(len(work_items), math.ceil(len(message) / detector.settings.max_upload_bytes))
+        await detector.acquire(places, detector.settings.admission_wait_ms / 1000)
+        turn.give_back()
+        try:
+            results = await all_or_none(job() for job in work_items)
+        finally:
+            detector.release(places)
+        tensors = result_tensors(results, parsed.outputs, detector)
+        return pb.ModelInferResponse(
+            model_name=detector.name, model_version=str(detector.version), id=request.id,
+            outputs=[pb.ModelInferResponse.InferOutputTensor(
+                name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors],
+            raw_output_contents=[t.raw() for t in tensors])
 
-        return await self._call("ModelMetadata", context, work)
+    async def RepositoryIndex(self, request: Any, labels: dict[str, str], turn: Turn) -> Any:
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[
+            entry(name=s.name, version=str(s.version) if s.version else "",
+                  state=s.state, reason=s.reason)
+            for s in self.registry.index(ready_only=request.ready)])
 
-    async def ModelInfer(self, request: Any, context: Any) -> Any:
-        async def work(labels: dict[str, str]) -> Any:
-            detector = self._detector(request.model_name, request.model_version, labels)
-            parsed = await asyncio.to_thread(_parsed, request, limits_for(detector))
-            check_outputs(parsed.outputs)
-            work_items = await asyncio.to_thread(jobs, parsed, detector)
-            # The whole message has arrived (gRPC reads it before the handler): places for
-            # its images now, with the same short wait for room as REST.
-            await detector.acquire(len(work_items), detector.settings.admission_wait_ms / 1000)
-            try:
-                results = await all_or_none(job() for job in work_items)
-            finally:
-                detector.release(len(work_items))
-            tensors = result_tensors(results, parsed.outputs, detector)
-            return pb.ModelInferResponse(
-                model_name=detector.name, model_version=str(detector.version),
-                id=request.id,
-                outputs=[pb.ModelInferResponse.InferOutputTensor(
-                    name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors],
-                raw_output_contents=[t.raw() for t in tensors])
+    async def RepositoryModelLoad(self, request: Any, labels: dict[str, str], turn: Turn
+                                  ) -> Any:
+        if request.parameters:
+            raise InvalidRequest("load parameters (a config or files in the request) are "
+                                 "not supported: put the model in the repository")
+        await self.registry.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
 
-        return await self._call("ModelInfer", context, work)
-
-    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        async def work(labels: dict[str, str]) -> Any:
-            entry = pb.RepositoryIndexResponse.ModelIndex
-            return pb.RepositoryIndexResponse(models=[
-                entry(name=s.name, version=str(s.version) if s.version else "",
-                      state=s.state, reason=s.reason)
-                for s in self.registry.index(ready_only=request.ready)])
-
-        return await self._call("RepositoryIndex", context, work)
-
-    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
-        async def work(labels: dict[str, str]) -> Any:
-            if request.parameters:
-                raise InvalidRequest("load parameters (a config or files in the request) are "
-                                     "not supported: put the model in the repository")
-            await self.registry.load(request.model_name)
-            return pb.RepositoryModelLoadResponse()
-
-        return await self._call("RepositoryModelLoad", context, work)
-
-    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
-        async def work(labels: dict[str, str]) -> Any:
-            await self.registry.unload(request.model_name)
-            return pb.RepositoryModelUnloadResponse()
-
-        return await self._call("RepositoryModelUnload", context, work)
+    async def RepositoryModelUnload(self, request: Any, labels: dict[str, str], turn: Turn
+                                    ) -> Any:
+        await self.registry.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
 
-async def _done(value: T) -> T:
-    return value
+def _headers(context: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ())
+            if isinstance(v, str)}
+
+
+class HealthService:
+    """The standard health service, with turns of its own to receive (never behind
+    inference calls, never refused for their sake) and the small-message deadline."""
+
+    def __init__(self, settings: Any, servicer: health_aio.HealthServicer) -> None:
+        self.settings = settings
+        self.servicer = servicer
+        self.turns = ReceiveTurns(HEALTH_TURNS, HEALTH_TURNS)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        serialize = _serialize
+        return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
+            "Check": grpc.stream_unary_rpc_method_handler(
+                self.check, response_serializer=serialize),
+            "Watch": grpc.stream_stream_rpc_method_handler(
+                self.watch, response_serializer=serialize)})
+
+    async def _request(self, context: Any) -> Any:
+        try:
+            message, turn = await receive(context, self.turns, self.settings.header_timeout_s)
+            turn.give_back()
+            return parse_small(message, health_pb2.HealthCheckRequest)
+        except ServiceError as exc:
+            await context.abort(STATUS_OF.get(exc.code, grpc.StatusCode.INTERNAL), exc.message)
+            raise AssertionError("abort returned") from None  # abort raises
+
+    async def check(self, _requests: Any, context: Any) -> Any:
+        return await self.servicer.Check(await self._request(context), context)
+
+    async def watch(self, _requests: Any, context: Any) -> None:
+        await self.servicer.Watch(await self._request(context), context)
+
+
+def grpc_options(settings: Any) -> list[tuple[str, Any]]:
+    """gRPC core's own bounds (each checked against grpc core's sources and on a real server:
+    tests/integration/test_hostile_grpc.py)."""
+    return [
+        # Checked on the 5-byte length prefix: a larger message is refused before it is read.
+        ("grpc.max_receive_message_length", message_limit(settings)),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.so_reuseport", 0),
+        # HTTP/2 MAX_CONCURRENT_STREAMS: more are refused with REFUSED_STREAM (clients wait).
+        ("grpc.max_concurrent_streams", settings.grpc_max_streams_per_connection),
+        # More connections are closed as they are accepted: HTTP keeps its descriptors.
+        ("grpc.max_allowed_incoming_connections", settings.grpc_max_connections),
+        ("grpc.max_connection_idle_ms", int(settings.grpc_idle_timeout_s * 1000)),
+        # A connection that never sends HTTP/2's preface is closed.
+        ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),
+        # A stream not being read holds at most its initial window.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", LOOKAHEAD_BYTES),
+        # gzip and deflate expand up to the message limit: 16 KB became 16 MiB. Off, such a
+        # call gets UNIMPLEMENTED.
+        ("grpc.compression_enabled_algorithms_bitset",
+         0b111 if settings.grpc_compression else 0b001),
+    ]
 
 
 class GrpcServer:
@@ -274,18 +368,17 @@ class GrpcServer:
 
     def __init__(self, state: AppState) -> None:
         self.state = state
-        limit = message_limit(state)
-        # Every RPC in flight may hold a whole message: their number is bounded (the docs'
-        # "Memory"); more are refused with RESOURCE_EXHAUSTED.
-        self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                     ("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=state.settings.grpc_max_inflight)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state),
-                                                           self.server)
+        settings = state.settings
+        self.trimmer = IdleTrimmer()
+        # Each call receiving may hold a whole message: GRPC_MAX_RECEIVING of them at once,
+        # half of them from one connection at most.
+        turns = ReceiveTurns(settings.grpc_max_receiving,
+                             (settings.grpc_max_receiving + 1) // 2, self.trimmer.idle)
+        self.server = grpc.aio.server(options=grpc_options(settings))
+        self.inference = InferenceService(state, turns)
         self.health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.server.add_generic_rpc_handlers(
+            (self.inference.handler(), HealthService(settings, self.health).handler()))
         self._watch: asyncio.Task[None] | None = None
         self.port = 0
 
@@ -313,4 +406,3 @@ class GrpcServer:
                 await self._watch
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
-

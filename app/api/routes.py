@@ -197,8 +197,12 @@ async def detect_render(request: Request, detector: DetectorDep, params: ParamsD
 
 class _SentInPieces(StreamingResponse):
     """A large body sent in pieces, so that uvicorn's flow control keeps the unsent rest here
-    while a client reads slowly (the connection is dropped after WRITE_TIMEOUT_S), and
-    ``done`` called once it is sent or abandoned."""
+    while a client reads slowly, and ``done`` called once it is sent or abandoned.
+
+    A slow client can't keep ``done`` (a render's place) waiting for long: app/http_protocol.py
+    drops its connection when it reads nothing for WRITE_TIMEOUT_S, or has not read it all
+    within WRITE_TIMEOUT_S + its size at MIN_SEND_RATE; the pending send then returns, the
+    disconnect ends the stream, and ``done`` runs."""
 
     def __init__(self, body: bytes, done: Callable[[], None], media_type: str,
                  headers: dict[str, str]) -> None:

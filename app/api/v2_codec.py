@@ -61,6 +61,10 @@ class Limits:
     max_elements: int  # numeric elements of all inputs together (images + sizes)
 
 
+# The most dimensions a tensor may have: the model's inputs have 4; numpy stops at 64 and
+# raises on more, which was a 500.
+MAX_RANK = 8
+
 # A request is a few objects and lists (inputs, shapes, parameters, outputs); data is flat.
 # More than this many is no request a client builds, but a body of empty lists would cost
 # orjson seconds of the event loop's GIL (it parses without releasing it).
@@ -146,6 +150,7 @@ def _input(spec: Any, binary: memoryview, offset: int, limits: Limits) -> tuple[
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                        for d in shape)):
         raise InvalidRequest("each input needs a name, a datatype and a shape of sizes")
+    check_rank(name, shape)
     count = math.prod(shape)  # Python ints: no overflow
     budget = limits.max_images if datatype == "BYTES" else limits.max_elements
     if count > budget:
@@ -176,6 +181,11 @@ def _input(spec: Any, binary: memoryview, offset: int, limits: Limits) -> tuple[
     if isinstance(value, np.ndarray):
         value = value.reshape(shape)
     return Tensor(name, datatype, shape, value), used
+
+
+def check_rank(name: str, shape: list[int]) -> None:
+    if len(shape) > MAX_RANK:
+        raise InvalidRequest(f"input {name[:64]}: {len(shape)} dimensions; at most {MAX_RANK}")
 
 
 def numeric_values(raw: memoryview, datatype: str, name: str) -> np.ndarray:

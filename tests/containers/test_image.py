@@ -20,7 +20,7 @@ import pytest
 
 from app.bench.cli import free_port
 from tests.containers.conftest import CONFIG
-from tests.helpers import ROOT, encode, render_scene
+from tests.helpers import ROOT, encode, metric, render_scene, wait_until
 
 IMAGE = "dfine-serve:cpu"
 STOP_GRACE_S = 30  # docker-compose.yml's stop_grace_period
@@ -131,7 +131,9 @@ def test_sigterm_drains_an_inflight_request_within_the_grace_period(
     sending = threading.Thread(target=lambda: answers.append(httpx.post(
         f"{url}/detect/batch", files=files, timeout=60)))
     sending.start()
-    time.sleep(0.4)  # admitted and running
+    # Admitted and running (one image a run on a CPU: several runs still to go).
+    wait_until(lambda: metric(url, "dfine_images_total") + metric(url, "dfine_queue_depth"),
+               60, "the batch's images queued or run")
     started = time.monotonic()
     engine.run("stop", "-t", str(STOP_GRACE_S), cid)
     stopped_in = time.monotonic() - started

@@ -164,7 +164,9 @@ def test_the_autoscaling_query_measures_the_queue_under_load(live: Server,
         for thread in threads:
             thread.start()
         try:
-            time.sleep(8)  # several scrapes of a full queue
+            # Several scrapes (1 s apart) of a queue under load, whatever the machine's speed.
+            wait_for(query, 'count_over_time((sum(dfine_queue_depth{job="dfine"}) >= 2)[1m:1s])',
+                     lambda v: v >= 5)
             value = wait_for(query, expr, lambda v: v > 0)
             samples = query('sum(dfine_queue_depth{job="dfine"})[1m:1s]')[0]["values"]
         finally:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from app.bench.cli import free_port
 from app.bench.stats import metric_value
-from tests.helpers import Server, encode, render_scene, run_server
+from tests.helpers import Server, encode, render_scene, run_server, wait_until, wait_until_async
 
 MODEL = "dfine_n_shapes"
 
@@ -167,22 +167,20 @@ def test_sixteen_concurrent_streams_of_requests_all_answered(running: Running) -
 
 
 def _metrics(running: Running) -> str:
-    import httpx
-
     return httpx.get(f"{running.server.url}/metrics", timeout=10).text
 
 
-def _serving(address: str, service: str = "") -> bool:
-    """Whether the health service says SERVING within a second (it follows readiness every
-    0.2 s)."""
+def _serving(address: str, service: str = "", timeout_s: float = 15) -> bool:
+    """Whether the health service says SERVING within ``timeout_s`` (it follows readiness
+    every 0.2 s); fails naming the service otherwise."""
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(10):
+
+        def serving() -> bool:
             answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                return True
-            time.sleep(0.1)
-    return False
+            return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+        return wait_until(serving, timeout_s, f"the health service SERVING {service!r}", 0.1)
 
 
 def test_the_health_service_answers_for_probes(running: Running) -> None:
@@ -217,7 +215,7 @@ def test_rest_binary_outputs_equal_the_json_ones(running: Running) -> None:
 def test_api_key_repository_calls_and_draining_over_grpc(tmp_path: Path) -> None:
     port = free_port()
     with run_server(tmp_path, "--grpc-port", str(port), "--api-key", "k",
-                    "--model-control", "explicit") as server:
+                    "--control-api-key", "c", "--model-control", "explicit") as server:
         address = f"127.0.0.1:{port}"
         client = tgrpc.InferenceServerClient(address)
         with pytest.raises(InferenceServerException) as raised:
@@ -232,24 +230,39 @@ def test_api_key_repository_calls_and_draining_over_grpc(tmp_path: Path) -> None
 
         index = client.get_model_repository_index(headers=key, as_json=True)["models"]
         assert [(m["name"], m["version"], m["state"]) for m in index] == [(MODEL, "1", "READY")]
-        client.unload_model(MODEL, headers=key)
+        control = {"authorization": "Bearer c"}
+        client.unload_model(MODEL, headers=control)
         with pytest.raises(InferenceServerException) as raised:
             client.infer(MODEL, [_bytes_input(tgrpc, _images(3))], headers=key)
         assert raised.value.status() == str(grpc.StatusCode.NOT_FOUND)
-        client.load_model(MODEL, headers=key)
+        client.load_model(MODEL, headers=control)
         assert client.is_model_ready(MODEL, headers=key)
 
         # SIGTERM while a call of 8 images runs: it is answered, then the process exits 0.
         async def call_then_stop() -> object:
             aio = tgrpc_aio.InferenceServerClient(address)
+            http = httpx.AsyncClient(timeout=30, headers={"X-API-Key": "k"})
+
+            async def images_seen() -> float:  # queued or run
+                text = (await http.get(f"{server.url}/metrics")).text
+                return metric_value(text, "dfine_images_total") + metric_value(
+                    text, "dfine_queue_depth")
+
+            async def call_begun() -> bool:
+                return await images_seen() > before
+
             try:
+                before = await images_seen()
                 pending = asyncio.ensure_future(aio.infer(
                     MODEL, [_bytes_input(tgrpc_aio, _images(*range(8)))], headers=key))
-                await asyncio.sleep(0.3)
+                # One image a run here (CPU): once one is queued or run, the rest take
+                # several runs more.
+                await wait_until_async(call_begun, 60, "the call's images in the queue or run")
                 server.process.send_signal(signal.SIGTERM)
                 return await pending
             finally:
                 await aio.close()
+                await http.aclose()
 
         result = asyncio.run(call_then_stop())
         assert result.as_numpy("scores").shape == (8, 300)  # type: ignore[attr-defined]

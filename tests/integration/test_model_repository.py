@@ -5,6 +5,7 @@ at 320x320), real HTTP clients, tritonclient for the repository extension."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -20,7 +21,16 @@ from tritonclient.utils import InferenceServerException
 
 from app.bench.stats import metric_value
 from app.bench.swap import install_atomically, swap_under_load
-from tests.helpers import DEFAULT_MODEL, ROOT, Server, box_iou, encode, render_scene, run_server
+from tests.helpers import (
+    DEFAULT_MODEL,
+    ROOT,
+    Server,
+    box_iou,
+    encode,
+    render_scene,
+    run_server,
+    wait_until,
+)
 
 JPEG = {"Content-Type": "image/jpeg"}
 
@@ -268,7 +278,11 @@ def test_memory_is_released_after_unloading_a_version_five_times(
             cycle()
         client.unload_model("extra")
         _wait(lambda: _index(server.url)[("extra", "1")]["state"] == "UNAVAILABLE")
-        time.sleep(1.5)  # the idle trimmer's second
+        # The idle trimmer gives memory back within a second of the last request; a loaded
+        # machine may take longer, so wait for it (the assertion below reports the figure).
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: _rss_kib(server.process.pid) <= baseline * 1.10, 30,
+                       "memory given back after unloading")
         after = _rss_kib(server.process.pid)
         print(f"RSS: {baseline // 1024} MB unloaded, {loaded // 1024} MB loaded, "
               f"{after // 1024} MB after 5 more cycles")

@@ -9,15 +9,13 @@ import contextlib
 import signal
 import subprocess
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 
-from app.bench.stats import metric_value
 from tests.deploy.conftest import require
-from tests.helpers import encode, free_port, render_scene, run_server
+from tests.helpers import encode, free_port, metric, render_scene, run_server, wait_until
 
 NGINX = """
 daemon off;
@@ -68,11 +66,13 @@ def test_a_replica_stopped_under_load_loses_no_accepted_request(tmp_path: Path) 
                                   "-p", str(tmp_path)], stderr=subprocess.PIPE)
         stack.callback(lambda: (nginx.terminate(), nginx.wait(10)))
         url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
+
+        def nginx_answers() -> bool:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.05)
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            return False
+
+        wait_until(nginx_answers, 30, "nginx answering")
         statuses: Counter[int] = Counter()
         stop = threading.Event()
         lock = threading.Lock()
@@ -85,18 +85,24 @@ def test_a_replica_stopped_under_load_loses_no_accepted_request(tmp_path: Path) 
                     with lock:
                         statuses[status] += 1
 
+        def answered() -> int:
+            with lock:
+                return sum(statuses.values())
+
         threads = [threading.Thread(target=client) for _ in range(12)]
         for thread in threads:
             thread.start()
-        time.sleep(3)
         leaving = replicas[1]
-        served_before = metric_value(httpx.get(f"{leaving.url}/metrics").text,
-                                     'dfine_requests_total{endpoint="/detect",status="200"}')
+        served = 'dfine_requests_total{endpoint="/detect",status="200"}'
+        # Under load, the leaving replica taking its part, before it goes.
+        wait_until(lambda: metric(leaving.url, served) >= 10, 60,
+                   "10 requests served by the replica that leaves")
         leaving.process.send_signal(signal.SIGTERM)
         assert leaving.process.wait(30) == 0  # drained and exited cleanly
-        time.sleep(3)
+        after_leaving = answered()
+        wait_until(lambda: answered() - after_leaving >= 50, 60,
+                   "50 more answers from the replicas left")
         stop.set()
         for thread in threads:
             thread.join()
-    assert served_before > 0  # it took part before it left
-    assert statuses[200] > 50 and set(statuses) == {200}, statuses
+    assert statuses[200] > 60 and set(statuses) == {200}, statuses

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from app.bench.stats import metric_value
-from tests.helpers import encode, render_scene, run_server
+from tests.helpers import encode, render_scene, run_server, wait_until_async
 
 
 def test_sigterm_during_load_finishes_accepted_requests_and_exits_0(tmp_path: Path) -> None:
@@ -22,20 +22,26 @@ def test_sigterm_during_load_finishes_accepted_requests_and_exits_0(tmp_path: Pa
                     f"{srv.url}/detect", content=image, headers={"Content-Type": "image/jpeg"}))
                     for _ in range(48)]
                 # Signal once a good part of them is accepted and waiting for the engine.
-                queued = 0.0
-                deadline = time.monotonic() + 20
-                while queued < 8 and time.monotonic() < deadline:
-                    metrics = (await http.get(f"{srv.url}/metrics")).text
-                    queued = metric_value(metrics, "dfine_queue_depth")
+                async def queued_enough() -> float:
+                    depth = metric_value((await http.get(f"{srv.url}/metrics")).text,
+                                         "dfine_queue_depth")
+                    return depth if depth >= 8 else 0.0
+
+                queued = await wait_until_async(queued_enough, 60, "8 requests in the queue")
                 srv.process.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.05)
-                ready, late = [], []
+
+                async def draining() -> int:  # /readyz turns 503 once the signal is handled
+                    status = (await http.get(f"{srv.url}/readyz")).status_code
+                    return status if status != 200 else 0
+
+                ready = [await wait_until_async(draining, 30, "/readyz 503 after SIGTERM")]
+                late = []
                 for _ in range(3):  # while draining, the server still answers, with 503
                     try:
-                        ready.append((await http.get(f"{srv.url}/readyz")).status_code)
                         late.append((await http.post(
                             f"{srv.url}/detect", content=image,
                             headers={"Content-Type": "image/jpeg"})).status_code)
+                        ready.append((await http.get(f"{srv.url}/readyz")).status_code)
                     except httpx.TransportError:  # or, once drained, refuses connections
                         break
                 return list(await asyncio.gather(*sent)), queued, ready, late

@@ -36,7 +36,8 @@ async def test_closed_loop_keeps_concurrency_and_survives_closed_connections() -
     samples, elapsed = await closed_loop(f"http://127.0.0.1:{port}/detect", [b"abc"], 4, 0.3)
     server.close()
     assert samples and all(s.status == 200 for s in samples)
-    assert len(seen) == len(samples) and 0.3 <= elapsed < 1.0
+    # It stops at its duration (0.3 s), give or take a loaded machine's delays.
+    assert len(seen) == len(samples) and 0.3 <= elapsed < 2.0
 
 
 async def test_open_loop_sends_about_rate_times_duration() -> None:

@@ -21,7 +21,7 @@ from app.errors import ModelLoadError
 from app.imaging import prepare
 from tests import onnx_models
 from tests.helpers import DEFAULT_MODEL, render_scene
-from tests.unit.test_batcher import StubEngine, make
+from tests.unit.test_batcher import StubEngine, make, occupy, queued
 
 
 def test_bucket_lists_parse_sorted_and_bad_ones_are_refused() -> None:
@@ -81,11 +81,9 @@ async def test_batcher_leaves_what_exceeds_a_bucket_for_the_next_batch() -> None
     engine = StubEngine()
     engine.release.clear()  # the first run blocks while six more queue up
     batcher = make(engine, max_batch_size=8, max_delay_s=0.05, batch_sizes=(1, 2, 4, 8))
-    first = asyncio.ensure_future(batcher.submit(0, timeout_s=5))
-    while not engine.batches:
-        await asyncio.sleep(0.005)
+    first = await occupy(batcher, engine)
     rest = [asyncio.ensure_future(batcher.submit(i, timeout_s=5)) for i in range(1, 7)]
-    await asyncio.sleep(0.05)
+    await queued(batcher, 6)
     engine.release.set()
     assert await asyncio.gather(first, *rest) == [i * 2 for i in range(7)]
     assert engine.batches == [[0], [1, 2, 3, 4], [5, 6]]  # in order, at bucket sizes

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.api.keys import authorize, authorize_control
 from app.config import Settings, parse_input_size
-from app.errors import Conflict, InvalidRequest, LoadFailed, NotFound
+from app.errors import Conflict, Forbidden, InvalidRequest, LoadFailed, NotFound, Unauthorized
 from app.metrics import Metrics
-from app.model_repository import VersionPolicy, parse_version, scan
+from app.model_repository import VersionPolicy, check_name, parse_version, scan
 from app.registry import ModelRegistry
 from tests import onnx_models
 
@@ -237,3 +238,141 @@ async def test_a_rewritten_version_is_rolled_in_and_a_broken_rewrite_leaves_the_
         # The failed copy's metrics go; those of the copy serving under the same labels stay.
         assert 'dfine_queue_depth{model="a",version="1"}' in \
             registry.metrics.exposition().decode()
+
+
+# --- names that leave the repository (issue 25, item 4) -----------------------------------
+
+@pytest.mark.parametrize("name", ["a", "A-1.b_c", "a..b", "7", "a" * 128])
+def test_model_names_follow_the_repositorys_rule(name: str) -> None:
+    check_name(name)
+
+
+@pytest.mark.parametrize("name", [
+    "", ".", "..", ".hidden", "/etc", "/tmp/x/shapes", "a/b", "a\\b", "../a", "a" * 129,
+    "a" * 300, "shapes\n", "shapes\x00", "a b", "café", "-a", "_a"])
+def test_a_name_that_could_be_a_path_or_too_long_is_not_a_model_name(name: str) -> None:
+    with pytest.raises(ValueError, match="is not a model name"):
+        check_name(name)
+
+
+def test_a_scan_skips_a_name_with_a_trailing_newline(tmp_path: Path) -> None:
+    _version(tmp_path, "a", 1)
+    _version(tmp_path, "a\n", 1)  # "^...$" matched it: "$" matches before a final newline
+    assert list(scan(_settings(tmp_path), tmp_path)) == ["a"]
+
+
+def test_a_model_directory_must_resolve_inside_the_repository(tmp_path: Path) -> None:
+    """A link to a directory outside makes the model's error (shown in the index); a link
+    inside the repository, and a linked model file, are followed."""
+    root, outside = tmp_path / "repository", tmp_path / "outside"
+    _version(root, "a", 1)
+    _version(outside, "b", 1)
+    (root / "out").symlink_to(outside / "b", target_is_directory=True)
+    (root / "alias").symlink_to(root / "a", target_is_directory=True)
+    (root / "file" / "1").mkdir(parents=True)
+    (root / "file" / "1" / "model.onnx").symlink_to(outside / "b" / "1" / "model.onnx")
+    entries = scan(_settings(root), root)
+    out = entries["out"]
+    assert out.error is not None and "link to outside the model repository" in out.error
+    assert not out.versions
+    for name in ("a", "alias", "file"):
+        assert entries[name].error is None and entries[name].wanted == (1,), name
+
+
+async def test_names_outside_the_rule_load_nothing_and_leave_readiness(tmp_path: Path
+                                                                       ) -> None:
+    root, outside = tmp_path / "repository", tmp_path / "outside"
+    _version(root, "a", 1)
+    _version(outside, "a", 1, scores=np.asarray([[0.8, 0.2]], np.float32))
+    _version(root, ".hidden", 1)
+    async with _registry(root) as registry:
+        served, index = registry.resolve("a"), registry.index()
+        for name in ("..", ".", str(outside / "a"), "/etc", "a" * 300, ".hidden", "a\n",
+                     "a/../a"):
+            with pytest.raises(InvalidRequest, match="is not a model name"):
+                await registry.load(name)
+            with pytest.raises(InvalidRequest, match="is not a model name"):
+                await registry.unload(name)
+            with pytest.raises(InvalidRequest, match="is not a model name"):
+                registry.resolve(name)
+            assert registry.find(name, None) is None
+        with pytest.raises(NotFound, match="no model 'ghost'"):
+            await registry.load("ghost")
+        with pytest.raises(NotFound, match="unknown model 'ghost'"):
+            registry.resolve("ghost")
+        assert registry.ready and registry.resolve("a") is served
+        assert registry.index() == index
+
+
+async def test_a_load_that_would_serve_nothing_fails_and_leaves_readiness(tmp_path: Path
+                                                                           ) -> None:
+    root, outside = tmp_path / "repository", tmp_path / "outside"
+    _version(root, "a", 1)
+    _version(outside, "b", 1)
+    async with _registry(root) as registry:
+        (root / "empty").mkdir()  # lost+found on a mounted volume: a plain name
+        with pytest.raises(LoadFailed, match="no version to serve"):
+            await registry.load("empty")
+        assert registry.ready
+        (root / "out").symlink_to(outside / "b", target_is_directory=True)
+        with pytest.raises(LoadFailed, match="link to outside"):
+            await registry.load("out")
+        assert registry.ready
+        (status,) = [s for s in registry.index() if s.name == "out"]
+        assert status.state == "UNAVAILABLE" and "link to outside" in status.reason
+        with pytest.raises(NotFound):
+            registry.resolve("out")
+
+
+async def test_a_model_path_whose_stem_breaks_the_rule_is_still_served_by_it(
+        tmp_path: Path) -> None:
+    """MODEL_PATH names its model by the file's stem, which the rule does not bind: a known
+    name is served, loaded and unloaded as before."""
+    path = onnx_models.official(tmp_path / "my shapes.onnx")
+    settings = Settings(model_path=path, providers="cpu", model_control="explicit")
+    registry = ModelRegistry(settings, Metrics())
+    await registry.start()
+    try:
+        assert registry.resolve("my shapes").name == "my shapes"
+        await registry.unload("my shapes")
+        await registry.load("my shapes")
+        assert registry.resolve("my shapes").version == 1 and registry.ready
+        with pytest.raises(InvalidRequest):
+            await registry.load("../my shapes")
+    finally:
+        await registry.stop()
+
+
+# --- the control calls' key ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("api_key", "control_key", "given", "outcome"), [
+    (None, None, "", None),  # no key at all: open, as before
+    ("k", None, "", Unauthorized),
+    ("k", None, "k", Forbidden),  # the inference key never swaps models
+    ("k", "c", "c", None),
+    ("k", "c", "k", Forbidden),
+    ("k", "c", "wrong", Unauthorized),
+    ("k", "c", "", Unauthorized),
+    (None, "c", "", Unauthorized),  # inference open, control not
+    (None, "c", "c", None),
+])
+def test_control_calls_take_the_control_key_alone(
+        api_key: str | None, control_key: str | None, given: str,
+        outcome: type[Exception] | None) -> None:
+    settings = Settings(api_key=api_key, control_api_key=control_key)
+    for headers in ({"x-api-key": given}, {"authorization": f"Bearer {given}"}):
+        if outcome is None:
+            authorize_control(settings, headers)
+        else:
+            with pytest.raises(outcome):
+                authorize_control(settings, headers)
+
+
+@pytest.mark.parametrize(("given", "opens"), [("k", True), ("c", False), ("", False)])
+def test_the_control_key_does_not_open_inference(given: str, opens: bool) -> None:
+    settings = Settings(api_key="k", control_api_key="c")
+    if opens:
+        authorize(settings, {"x-api-key": given})
+    else:
+        with pytest.raises(Unauthorized):
+            authorize(settings, {"x-api-key": given})
