@@ -70,7 +70,7 @@ class ReceiveTurns:
         self.held = 0
         self._held_by: dict[str, int] = {}
         self._waiting: deque[tuple[str, asyncio.Future[None]]] = deque()
-        self._on_idle = on_idle
+        self.on_idle = on_idle
 
     def _may_take(self, connection: str) -> bool:
         return (self.held < self.slots
@@ -110,8 +110,8 @@ class ReceiveTurns:
         else:
             del self._held_by[connection]
         self._hand_over()
-        if self.held == 0 and self._on_idle is not None:
-            self._on_idle()
+        if self.held == 0 and self.on_idle is not None:
+            self.on_idle()
 
     def _hand_over(self) -> None:
         """Turns to the longest waiting calls whose connection may take one."""

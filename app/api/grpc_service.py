@@ -35,6 +35,7 @@ from app.api.deps import AppState
 from app.api.grpc_gate import HEALTH_TURNS, LOOKAHEAD_BYTES, ReceiveTurns, message_limit
 from app.api.grpc_wire import parse_infer_request, parse_small, request_target
 from app.api.keys import authorize, authorize_control
+from app.api.v2_codec import InferRequest
 from app.api.v2_inference import (
     all_or_none,
     check_outputs,
@@ -97,7 +98,8 @@ async def receive(context: Any, turns: ReceiveTurns, timeout_s: float) -> tuple[
     await turns.take(connection, timeout_s)
     turn = Turn(turns, connection)
     try:
-        message = await asyncio.wait_for(context.read(), max(0.0, deadline - loop.time()))
+        async with asyncio.timeout_at(deadline):  # no task of its own, unlike wait_for
+            message = await context.read()
     except TimeoutError:
         turn.give_back()
         raise ReadTimeout("the request message did not arrive in time") from None
@@ -142,11 +144,20 @@ def _serialize(message: Any) -> bytes:
 
 
 class InferenceService:
-    def __init__(self, state: AppState, turns: ReceiveTurns) -> None:
+    def __init__(self, state: AppState, turns: ReceiveTurns, trimmer: IdleTrimmer) -> None:
         self.state = state
         self.registry = state.registry
         self.turns = turns
         self.calls = 0  # calls with their message, running (GRPC_MAX_INFLIGHT)
+        # Memory back to the system once no call receives or runs (a message refused before
+        # admission never reaches a detector's own trimmer). Not while calls run: a trim
+        # under load would only contend for the allocator.
+        self.trimmer = trimmer
+        turns.on_idle = self._maybe_idle
+
+    def _maybe_idle(self) -> None:
+        if self.calls == 0 and self.turns.held == 0:
+            self.trimmer.idle()
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Every method client-streaming over raw bytes (see the module's docstring)."""
@@ -219,6 +230,7 @@ class InferenceService:
             yield
         finally:
             self.calls -= 1
+            self._maybe_idle()
 
     def _detector(self, name: str, version: str, labels: dict[str, str]) -> Detector:
         if self.state.draining:
@@ -255,14 +267,11 @@ class InferenceService:
             outputs=[tensor(**t) for t in meta["outputs"]])
 
     async def ModelInfer(self, message: bytes, labels: dict[str, str], turn: Turn) -> Any:
-        # Names first (a walk of the message's top level), so that the model's limits bound
-        # the rest of the walk.
-        name, version = await asyncio.to_thread(request_target, message)
+        # Names first, so that the model's limits bound the rest of the walk (the top level
+        # alone: at most MAX_RECORDS fields, cheap enough for the event loop).
+        name, version = request_target(message)
         detector = self._detector(name, version, labels)
-        parsed, request = await asyncio.to_thread(parse_infer_request, message,
-                                                  limits_for(detector))
-        check_outputs(parsed.outputs)
-        work_items = await asyncio.to_thread(jobs, parsed, detector)
+        parsed, request, work_items = await asyncio.to_thread(_prepared, message, detector)
         # Places for its images, or for its size in uploads if that is more: what it holds
         # is then counted as a REST body is (the docs' "Memory"); the turn goes to the next.
         places = max(len(work_items), math.ceil(len(message) / detector.settings.max_upload_bytes))
@@ -298,6 +307,14 @@ class InferenceService:
                                     ) -> Any:
         await self.registry.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _prepared(message: bytes, detector: Detector) -> tuple[InferRequest, Any, list[Any]]:
+    """A ModelInfer message parsed within the model's limits, and its images as engine jobs
+    (one thread hop for both: this is every gRPC inference's path)."""
+    parsed, request = parse_infer_request(message, limits_for(detector))
+    check_outputs(parsed.outputs)
+    return parsed, request, jobs(parsed, detector)
 
 
 def _headers(context: Any) -> dict[str, str]:
@@ -369,13 +386,12 @@ class GrpcServer:
     def __init__(self, state: AppState) -> None:
         self.state = state
         settings = state.settings
-        self.trimmer = IdleTrimmer()
         # Each call receiving may hold a whole message: GRPC_MAX_RECEIVING of them at once,
         # half of them from one connection at most.
         turns = ReceiveTurns(settings.grpc_max_receiving,
-                             (settings.grpc_max_receiving + 1) // 2, self.trimmer.idle)
+                             (settings.grpc_max_receiving + 1) // 2)
         self.server = grpc.aio.server(options=grpc_options(settings))
-        self.inference = InferenceService(state, turns)
+        self.inference = InferenceService(state, turns, IdleTrimmer())
         self.health = health_aio.HealthServicer()
         self.server.add_generic_rpc_handlers(
             (self.inference.handler(), HealthService(settings, self.health).handler()))

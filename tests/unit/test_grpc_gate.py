@@ -15,6 +15,7 @@ from app.api.grpc_gate import LOOKAHEAD_BYTES, ReceiveTurns, memory_bound_bytes,
 from app.config import Settings
 from app.errors import ReadTimeout
 from app.metrics import Metrics
+from app.trim import IdleTrimmer
 
 
 async def test_turns_are_bounded_and_shared_between_connections() -> None:
@@ -108,7 +109,7 @@ async def test_an_unexpected_failure_is_internal_and_counted_as_500() -> None:
     metrics = Metrics()
     state = SimpleNamespace(settings=Settings(), metrics=metrics, registry=FailingRegistry(),
                             draining=False)
-    service = InferenceService(state, ReceiveTurns(1, 1))  # type: ignore[arg-type]
+    service = InferenceService(state, ReceiveTurns(1, 1), IdleTrimmer())  # type: ignore[arg-type]
     infer = next(m for m in METHODS if m.name == "ModelInfer")
     context = Context(pb.ModelInferRequest(model_name="m").SerializeToString())
     with pytest.raises(AbortError):
