@@ -165,7 +165,9 @@ class Settings(BaseSettings):
     grpc_max_receiving: int = Field(
         4, ge=1, le=1024, description="gRPC calls receiving their request message at once, at "
         "most, half of them from one connection (each may hold up to GRPC_MAX_MESSAGE_BYTES "
-        "until its message is whole); the others wait their turn, holding 4 KiB each")
+        "until its message is whole); a turn is held UPLOAD_HOLD_MS, then only by one of half "
+        "of them kept for slow senders (one per connection); the others wait their turn, "
+        "holding 4 KiB each")
     grpc_max_connections: int = Field(
         256, ge=1, description="gRPC connections open at once, at most (more are closed as "
         "they come); apart from MAX_CONNECTIONS, so that HTTP always has its own")

@@ -32,7 +32,14 @@ from grpc_health.v1.health import aio as health_aio
 from tritonclient.grpc import service_pb2 as pb
 
 from app.api.deps import AppState
-from app.api.grpc_gate import HEALTH_TURNS, LOOKAHEAD_BYTES, ReceiveTurns, message_limit
+from app.api.grpc_gate import (
+    HEALTH_TURNS,
+    LOOKAHEAD_BYTES,
+    SMALL_HOLD_S,
+    SMALL_TURNS,
+    ReceiveTurns,
+    message_limit,
+)
 from app.api.grpc_wire import parse_infer_request, parse_small, request_target
 from app.api.keys import authorize, authorize_control
 from app.api.v2_codec import InferRequest
@@ -77,33 +84,58 @@ STATUS_OF = {
 @dataclass
 class Turn:
     """A call's turn to receive, given back once: when its message is admitted (places
-    taken for it), refused, or the call ends."""
+    taken for it), refused, or the call ends; or, where a thread still parses the message
+    after the call ended, when that thread is done (``keep_until``)."""
 
     turns: ReceiveTurns
     connection: str
     held: bool = True
+    slow: bool = False
+    kept: bool = False
 
     def give_back(self) -> None:
-        if self.held:
-            self.held = False
-            self.turns.give_back(self.connection)
+        if self.held and not self.kept:
+            self._release()
+
+    def keep_until(self, work: asyncio.Future[Any]) -> None:
+        """Hold the turn until ``work`` (which holds the message) is done."""
+        if self.held and not self.kept:
+            self.kept = True
+            work.add_done_callback(lambda _: self._release())
+
+    def _release(self) -> None:
+        self.held = False
+        self.turns.give_back(self.connection, self.slow)
 
 
-async def receive(context: Any, turns: ReceiveTurns, timeout_s: float) -> tuple[bytes, Turn]:
+async def receive(context: Any, turns: ReceiveTurns, hold_s: float, timeout_s: float
+                  ) -> tuple[bytes, Turn]:
     """The call's one message, read with a turn (which the caller gives back) within
-    ``timeout_s`` of now; ReadTimeout (DEADLINE_EXCEEDED) past it."""
+    ``timeout_s`` of now. A message still arriving after ``hold_s`` goes on only as one of
+    the turns' slow ones, else it is cut off; ReadTimeout (DEADLINE_EXCEEDED) either way."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     connection = context.peer() or ""
     await turns.take(connection, timeout_s)
     turn = Turn(turns, connection)
+    read = asyncio.ensure_future(context.read())
     try:
-        async with asyncio.timeout_at(deadline):  # no task of its own, unlike wait_for
-            message = await context.read()
+        done, _ = await asyncio.wait({read}, timeout=max(0.0, min(hold_s,
+                                                                   deadline - loop.time())))
+        if not done:
+            if not turns.go_slow(connection):
+                raise ReadTimeout("the request message was still arriving when its turn to "
+                                  "receive ended, and the turns of slow senders are taken")
+            turn.slow = True
+            async with asyncio.timeout_at(deadline):
+                await read
+        message = read.result()
     except TimeoutError:
+        read.cancel()
         turn.give_back()
         raise ReadTimeout("the request message did not arrive in time") from None
     except BaseException:
+        read.cancel()
         turn.give_back()
         raise
     if message is grpc.aio.EOF:
@@ -112,7 +144,7 @@ async def receive(context: Any, turns: ReceiveTurns, timeout_s: float) -> tuple[
     return message, turn
 
 
-Work = Callable[[Any, dict[str, str], Turn], Awaitable[Any]]
+Work = Callable[[Any, dict[str, str], Turn | None], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -147,7 +179,8 @@ class InferenceService:
     def __init__(self, state: AppState, turns: ReceiveTurns, trimmer: IdleTrimmer) -> None:
         self.state = state
         self.registry = state.registry
-        self.turns = turns
+        self.turns = turns  # ModelInfer's
+        self.small_turns = ReceiveTurns(SMALL_TURNS, 1)
         self.calls = 0  # calls with their message, running (GRPC_MAX_INFLIGHT)
         # Memory back to the system once no call receives or runs (a message refused before
         # admission never reaches a detector's own trimmer). Not while calls run: a trim
@@ -185,9 +218,16 @@ class InferenceService:
             headers = _headers(context)
             (authorize_control if method.control else authorize)(self.state.settings, headers)
             settings = self.state.settings
-            message, turn = await receive(context, self.turns, settings.upload_timeout_s
-                                          if method.infer else settings.header_timeout_s)
-            request = message if method.infer else parse_small(message, method.request)
+            if method.infer:
+                message, turn = await receive(context, self.turns,
+                                              settings.upload_hold_ms / 1000,
+                                              settings.upload_timeout_s)
+                request = message
+            else:  # a few bytes: the turn is not held while the call runs (a load may last)
+                message, small_turn = await receive(context, self.small_turns, SMALL_HOLD_S,
+                                                    settings.header_timeout_s)
+                small_turn.give_back()
+                request = parse_small(message, method.request)
             with self._running():
                 return await work(request, labels, turn)
         except ServiceError as exc:
@@ -239,24 +279,24 @@ class InferenceService:
         labels["model"], labels["version"] = detector.name, str(detector.version)
         return detector
 
-    async def ServerLive(self, request: Any, labels: dict[str, str], turn: Turn) -> Any:
+    async def ServerLive(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: Any, labels: dict[str, str], turn: Turn) -> Any:
+    async def ServerReady(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
         return pb.ServerReadyResponse(ready=self.state.ready)
 
-    async def ModelReady(self, request: Any, labels: dict[str, str], turn: Turn) -> Any:
+    async def ModelReady(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
         if self.registry.started and not self.registry.known(request.name):
             raise NotFound(f"unknown model {request.name[:128]!r}")
         ready = not self.state.draining and self.registry.model_ready(
             request.name, requested_version(request.version))
         return pb.ModelReadyResponse(ready=ready)
 
-    async def ServerMetadata(self, request: Any, labels: dict[str, str], turn: Turn) -> Any:
+    async def ServerMetadata(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
         return pb.ServerMetadataResponse(name="dfine-serve", version="0.1.0",
                                          extensions=["model_repository"])
 
-    async def ModelMetadata(self, request: Any, labels: dict[str, str], turn: Turn) -> Any:
+    async def ModelMetadata(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
         detector = self._detector(request.name, request.version, labels)
         meta = model_metadata(detector, [detector.version] if request.version
                               else self.registry.versions_of(request.name))
@@ -266,12 +306,20 @@ class InferenceService:
             inputs=[tensor(**t) for t in meta["inputs"]],
             outputs=[tensor(**t) for t in meta["outputs"]])
 
-    async def ModelInfer(self, message: bytes, labels: dict[str, str], turn: Turn) -> Any:
+    async def ModelInfer(self, message: bytes, labels: dict[str, str], turn: Turn | None) -> Any:
+        assert turn is not None  # ModelInfer's message is received with one
         # Names first, so that the model's limits bound the rest of the walk (the top level
         # alone: at most MAX_RECORDS fields, cheap enough for the event loop).
         name, version = request_target(message)
         detector = self._detector(name, version, labels)
-        parsed, request, work_items = await asyncio.to_thread(_prepared, message, detector)
+        preparing = asyncio.ensure_future(asyncio.to_thread(_prepared, message, detector))
+        try:
+            parsed, request, work_items = await asyncio.shield(preparing)
+        except asyncio.CancelledError:
+            # The thread goes on with the message: it keeps the turn until it is done, so
+            # that cancelled calls cannot have more messages in memory than there are turns.
+            turn.keep_until(preparing)
+            raise
         # Places for its images, or for its size in uploads if that is more: what it holds
         # is then counted as a REST body is (the docs' "Memory"); the turn goes to the next.
         places = max(len(work_items), math.ceil(len(message) / detector.settings.max_upload_bytes))
@@ -288,14 +336,14 @@ class InferenceService:
                 name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors],
             raw_output_contents=[t.raw() for t in tensors])
 
-    async def RepositoryIndex(self, request: Any, labels: dict[str, str], turn: Turn) -> Any:
+    async def RepositoryIndex(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
         entry = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(models=[
             entry(name=s.name, version=str(s.version) if s.version else "",
                   state=s.state, reason=s.reason)
             for s in self.registry.index(ready_only=request.ready)])
 
-    async def RepositoryModelLoad(self, request: Any, labels: dict[str, str], turn: Turn
+    async def RepositoryModelLoad(self, request: Any, labels: dict[str, str], turn: Turn | None
                                   ) -> Any:
         if request.parameters:
             raise InvalidRequest("load parameters (a config or files in the request) are "
@@ -303,7 +351,7 @@ class InferenceService:
         await self.registry.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request: Any, labels: dict[str, str], turn: Turn
+    async def RepositoryModelUnload(self, request: Any, labels: dict[str, str], turn: Turn | None
                                     ) -> Any:
         await self.registry.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
@@ -329,7 +377,7 @@ class HealthService:
     def __init__(self, settings: Any, servicer: health_aio.HealthServicer) -> None:
         self.settings = settings
         self.servicer = servicer
-        self.turns = ReceiveTurns(HEALTH_TURNS, HEALTH_TURNS)
+        self.turns = ReceiveTurns(HEALTH_TURNS, 1)
 
     def handler(self) -> grpc.GenericRpcHandler:
         serialize = _serialize
@@ -341,7 +389,8 @@ class HealthService:
 
     async def _request(self, context: Any) -> Any:
         try:
-            message, turn = await receive(context, self.turns, self.settings.header_timeout_s)
+            message, turn = await receive(context, self.turns, SMALL_HOLD_S,
+                                          self.settings.header_timeout_s)
             turn.give_back()
             return parse_small(message, health_pb2.HealthCheckRequest)
         except ServiceError as exc:
@@ -389,7 +438,8 @@ class GrpcServer:
         # Each call receiving may hold a whole message: GRPC_MAX_RECEIVING of them at once,
         # half of them from one connection at most.
         turns = ReceiveTurns(settings.grpc_max_receiving,
-                             (settings.grpc_max_receiving + 1) // 2)
+                             (settings.grpc_max_receiving + 1) // 2,
+                             slow_slots=max(1, settings.grpc_max_receiving // 2))
         self.server = grpc.aio.server(options=grpc_options(settings))
         self.inference = InferenceService(state, turns, IdleTrimmer())
         self.health = health_aio.HealthServicer()

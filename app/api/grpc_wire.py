@@ -10,7 +10,7 @@ tensors than the model takes; the walk stops at the first record past a bound. O
 parsed, and without ``raw_input_contents`` (tritonclient's way of sending tensors): those stay
 views into the message, never copied (a decode worker copies its image when it starts).
 
-Runs in a worker thread: the walk of a bounded message is a few hundred records at most.
+Runs in a worker thread: the walk visits at most MAX_REQUEST_RECORDS records beside the images.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
 MAX_TENSORS = 16  # inputs, requested outputs, raw contents: each
 MAX_PARAMETERS = 64  # request or tensor parameters: each
 MAX_RECORDS = 256  # fields of one message (or of a contents message, beside its values)
+# Records in the whole request beside its images: its fields, each input's, each contents'.
+MAX_REQUEST_RECORDS = 1024
 MAX_NAME_BYTES = 1024  # a model's name or version
 # Requests other than ModelInfer are a name, a version, a flag.
 SMALL_MESSAGE_BYTES = 64 * 1024
@@ -113,13 +115,22 @@ def records(data: memoryview, start: int, end: int, limit: int, what: str
 class _Scan:
     """What the walk found: the tensor bytes it let through, and where raw contents lie."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits) -> None:
+        self.records_left = MAX_REQUEST_RECORDS + limits.max_images
         self.tensor_bytes = 0
         self.images = 0
         self.files: list[list[memoryview]] = []  # each input's bytes_contents, as views
         self.values = 0
         self.raw: list[Record] = []
         self.kept: list[Record] = []  # every top-level record but raw contents
+
+    def visit(self) -> None:
+        """One more record walked: the whole walk has one budget, so that nesting (inputs of
+        contents of fields) cannot multiply the per-message bounds."""
+        self.records_left -= 1
+        if self.records_left < 0:
+            raise InvalidRequest(f"the request has more than {MAX_REQUEST_RECORDS} fields "
+                                 f"beside its images")
 
 
 def _count(counts: dict[int, int], field: int, limit: int, what: str) -> None:
@@ -129,11 +140,12 @@ def _count(counts: dict[int, int], field: int, limit: int, what: str) -> None:
 
 
 def _scan_request(data: memoryview, limits: Limits) -> _Scan:
-    scan, counts = _Scan(), dict[int, int]()
+    scan, counts = _Scan(limits), dict[int, int]()
     bounds = {REQUEST_PARAMETERS: (MAX_PARAMETERS, "parameters"),
               REQUEST_INPUTS: (MAX_TENSORS, "inputs"), REQUEST_OUTPUTS: (MAX_TENSORS, "outputs"),
               RAW_CONTENTS: (MAX_TENSORS, "raw_input_contents")}
     for record in records(data, 0, len(data), MAX_RECORDS, "the request"):
+        scan.visit()
         if record.field in bounds:
             _count(counts, record.field, *bounds[record.field])
         if record.field == RAW_CONTENTS and record.kind == LENGTH:
@@ -156,6 +168,7 @@ def _scan_input(data: memoryview, tensor: Record, limits: Limits, scan: _Scan) -
     values = scan.values
     scan.files.append([])
     for record in records(data, tensor.start, tensor.end, MAX_RECORDS, "an input"):
+        scan.visit()
         if record.field == INPUT_SHAPE:
             shape += _shape(data, record)
             if len(shape) > MAX_RANK:
@@ -190,6 +203,8 @@ def _scan_contents(data: memoryview, contents: Record, limits: Limits, scan: _Sc
     scan.tensor_bytes += contents.end - contents.start
     limit = limits.max_images + MAX_RECORDS
     for record in records(data, contents.start, contents.end, limit, "an input's contents"):
+        if record.field != BYTES_CONTENTS:
+            scan.visit()  # an image is counted by the model's limit instead
         if record.field == BYTES_CONTENTS:
             scan.images += 1
             if scan.images > limits.max_images:
@@ -203,6 +218,8 @@ def _scan_contents(data: memoryview, contents: Record, limits: Limits, scan: _Sc
             if scan.values > limits.max_elements:
                 raise InvalidRequest(f"more than {limits.max_elements} values: more than the "
                                      f"model takes")
+        else:  # not a tensor's: counts as overhead (names, shapes, parameters)
+            scan.tensor_bytes -= record.end - record.head
 
 
 def _value_count(data: memoryview, record: Record, width: int) -> int:

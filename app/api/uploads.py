@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 from collections.abc import AsyncGenerator
 
 import orjson
@@ -19,7 +20,6 @@ from multipart import (  # type: ignore[import-untyped]
     MultipartError,
     MultipartSegment,
     PushMultipartParser,
-    parse_options_header,
 )
 from starlette.requests import ClientDisconnect
 
@@ -122,9 +122,15 @@ class _FileParts:
         self._size = 0
 
 
+# The boundary parameter, quoted or not: read here rather than by a generic header parser,
+# which stops an unquoted one at its first "=" (boundary=----=_Part_0_1.2, as some mail-born
+# encoders write it; python-multipart took the whole value).
+_BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"([^"]*)"|([^;\s]*))', re.IGNORECASE)
+
+
 def _boundary(request: Request) -> str:
-    _, options = parse_options_header(request.headers.get("content-type", ""))
-    boundary = options.get("boundary", "")
+    found = _BOUNDARY.search(request.headers.get("content-type", ""))
+    boundary = "" if found is None else found.group(1) or found.group(2) or ""
     if not boundary or len(boundary) > MAX_BOUNDARY_CHARS:
         raise InvalidRequest("malformed multipart body: the Content-Type needs a boundary of "
                              f"1 to {MAX_BOUNDARY_CHARS} characters")

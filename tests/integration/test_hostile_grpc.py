@@ -12,6 +12,7 @@ message, a message cut short, a bare connection).
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import socket
 import struct
@@ -490,6 +491,59 @@ def test_partial_messages_hold_bounded_memory_and_are_cut_off(hostile: Hostile) 
     finally:
         attacker.close()
     good_infer(hostile)
+
+
+async def _silent_calls_then(hostile: Hostile, probe: Callable[[], Any]) -> Any:
+    """4 connections, each with 2 health checks and 2 ModelInfer calls (and 2 ServerLive)
+    that send headers and never a message; ``probe`` runs (in a thread) while they wait."""
+    async def never() -> Any:
+        await asyncio.sleep(3600)
+        yield b""
+
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(hostile.grpc, options=options) for _ in range(4)]
+    calls = []
+    for channel in channels:
+        for method in ("/grpc.health.v1.Health/Check", INFER,
+                       "/inference.GRPCInferenceService/ServerLive"):
+            call = channel.stream_unary(method)
+            calls += [call(never(), metadata=AUTH) for _ in range(2)]
+    try:
+        await asyncio.sleep(0)  # the calls are started
+        return await asyncio.to_thread(probe)
+    finally:
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close()
+
+
+def test_silent_calls_from_several_connections_hold_nobody_up(hostile: Hostile) -> None:
+    """Turns are held a short while by a call whose message has not come (review of issue
+    25: two connections of silent calls held every turn until their deadline, so health
+    checks and every other call waited for as long as the attacker went on)."""
+    def probe() -> dict[str, float]:
+        took = {}
+        for _ in range(3):  # the attackers' calls keep coming back; so do these
+            started = time.perf_counter()
+            assert health_status(hostile, timeout_s=5) == health_pb2.HealthCheckResponse.SERVING
+            took["health"] = max(took.get("health", 0), time.perf_counter() - started)
+            started = time.perf_counter()
+            client = tgrpc.InferenceServerClient(hostile.grpc)
+            try:
+                assert client.is_server_live(headers=dict(AUTH), client_timeout=5)
+            finally:
+                client.close()
+            took["live"] = max(took.get("live", 0), time.perf_counter() - started)
+            started = time.perf_counter()
+            good_infer(hostile)
+            took["infer"] = max(took.get("infer", 0), time.perf_counter() - started)
+        return took
+
+    took = asyncio.run(_silent_calls_then(hostile, probe))
+    # Before: 2 s each (the header deadline here) for health and ServerLive, the infer
+    # DEADLINE_S. Now: a quarter of a second per turn for small calls, a second for uploads.
+    assert took["health"] < 1.5 and took["live"] < 1.5 and took["infer"] < DEADLINE_S, took
 
 
 # --- item 3: idle connections ---------------------------------------------------------------

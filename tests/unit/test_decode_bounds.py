@@ -446,3 +446,13 @@ def test_a_part_over_the_upload_limit_is_413_while_it_streams() -> None:
     with pytest.raises(PayloadTooLarge, match="part"):
         read_one(body)
     assert read_one(multipart_body([("image", "a", b"\0" * SETTINGS.max_upload_bytes)]))
+
+
+@pytest.mark.parametrize("content_type", [
+    "multipart/form-data; boundary=----=_Part_0_1.2",  # unquoted, with "=" (review, issue 25)
+    'multipart/form-data; boundary="----=_Part_0_1.2"',
+    "multipart/form-data; charset=utf-8; BOUNDARY=----=_Part_0_1.2",
+])
+def test_a_boundary_is_read_whole_quoted_or_not(content_type: str) -> None:
+    body = multipart_body([("image", "a.jpg", b"xyz")], boundary="----=_Part_0_1.2")
+    assert asyncio.run(read_image(request_of(body, content_type), SETTINGS)) == b"xyz"

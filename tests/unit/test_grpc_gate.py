@@ -20,7 +20,7 @@ from app.trim import IdleTrimmer
 
 async def test_turns_are_bounded_and_shared_between_connections() -> None:
     idle = []
-    turns = ReceiveTurns(2, 1, lambda: idle.append(True))
+    turns = ReceiveTurns(2, 1, on_idle=lambda: idle.append(True))
     await turns.take("attacker", 1)
     # The attacker's second call waits (one turn a connection); another connection's doesn't.
     waiting = asyncio.ensure_future(turns.take("attacker", 5))
@@ -66,7 +66,7 @@ def test_the_message_limit_and_the_memory_bound_follow_the_settings() -> None:
     assert message_limit(settings) == 4 * ((1 << 20) + 4) + 64 * 1024
     assert message_limit(Settings()) == 80 * 1024 * 1024  # 16 x 16 MiB is over the ceiling
     assert message_limit(settings.model_copy(update={"grpc_max_message_bytes": 5000})) == 5000
-    assert memory_bound_bytes(settings) == (5 * message_limit(settings)
+    assert memory_bound_bytes(settings) == (7 * message_limit(settings)
                                             + 10 * 5 * LOOKAHEAD_BYTES)
     assert memory_bound_bytes(settings.model_copy(update={"grpc_port": 0})) == 0
 
@@ -136,3 +136,51 @@ def test_grpc_core_gets_the_bounds_from_the_settings() -> None:
     assert options["grpc.compression_enabled_algorithms_bitset"] == 0b001  # identity only
     with_gzip = dict(grpc_options(settings.model_copy(update={"grpc_compression": True})))
     assert with_gzip["grpc.compression_enabled_algorithms_bitset"] == 0b111
+
+
+async def test_a_connection_of_many_waiting_calls_delays_another_by_one_turn() -> None:
+    """Round robin between connections: calls that send nothing, queued on one connection,
+    do not each go before a call that came later on another (review of issue 25)."""
+    turns = ReceiveTurns(1, 1)
+    await turns.take("attacker", 1)
+    queued = [asyncio.ensure_future(turns.take("attacker", 5)) for _ in range(8)]
+    await asyncio.sleep(0)
+    good = asyncio.ensure_future(turns.take("good", 5))
+    await asyncio.sleep(0)
+    turns.give_back("attacker")  # to the attacker's next call...
+    await asyncio.wait_for(asyncio.wait(queued, return_when=asyncio.FIRST_COMPLETED), 0.1)
+    assert sum(q.done() for q in queued) == 1 and not good.done()
+    turns.give_back("attacker")  # ...then to the other connection, not its 7 others
+    await asyncio.wait_for(good, 0.1)
+    assert sum(q.done() for q in queued) == 1
+    turns.give_back("good")
+    for q in queued:
+        q.cancel()
+
+
+async def test_slow_turns_are_bounded_one_per_connection() -> None:
+    turns = ReceiveTurns(4, 2, slow_slots=2)
+    for connection in ("a", "a", "b", "c"):
+        await turns.take(connection, 1)
+    assert turns.go_slow("a") and not turns.go_slow("a")  # one slow call a connection
+    assert turns.go_slow("b") and not turns.go_slow("c")  # two in all
+    turns.give_back("a", slow=True)
+    assert turns.go_slow("c")
+
+
+async def test_a_turn_kept_for_a_parse_is_given_back_when_the_parse_ends() -> None:
+    """A call cancelled while a thread parses its message: the turn stays held until the
+    thread is done with the message (review of issue 25: cancelled calls had 4 messages in
+    parse on one connection, whose bound is 2)."""
+    from app.api.grpc_service import Turn
+
+    turns = ReceiveTurns(1, 1)
+    await turns.take("a", 1)
+    turn = Turn(turns, "a")
+    parse: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    turn.keep_until(parse)
+    turn.give_back()  # what the cancelled call's cleanup does
+    assert turns.held == 1
+    parse.set_result(None)
+    await asyncio.sleep(0)  # done callbacks run on the next loop iteration
+    assert turns.held == 0
