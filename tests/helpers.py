@@ -217,3 +217,18 @@ def serve_in_thread(app: Any, ready_timeout_s: float = 60) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 128:
+        out.append(value & 127 | 128)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def protobuf_field(number: int, value: bytes) -> bytes:
+    """A length-delimited protobuf field as on the wire (tag, varint length, value): for
+    messages no generated encoder would write."""
+    return _varint(number << 3 | 2) + _varint(len(value)) + value

@@ -144,6 +144,15 @@ async def receive(context: Any, turns: ReceiveTurns, hold_s: float, timeout_s: f
     return message, turn
 
 
+async def receive_small(context: Any, turns: ReceiveTurns, timeout_s: float, kind: Any) -> Any:
+    """A call's small message (a name, a flag: it comes with the headers), as a ``kind``
+    message; the turn is held SMALL_HOLD_S at most and given back once the message has come,
+    not while the call runs (a load may last)."""
+    message, turn = await receive(context, turns, SMALL_HOLD_S, timeout_s)
+    turn.give_back()
+    return parse_small(message, kind)
+
+
 Work = Callable[[Any, dict[str, str], Turn | None], Awaitable[Any]]
 
 
@@ -223,11 +232,9 @@ class InferenceService:
                                               settings.upload_hold_ms / 1000,
                                               settings.upload_timeout_s)
                 request = message
-            else:  # a few bytes: the turn is not held while the call runs (a load may last)
-                message, small_turn = await receive(context, self.small_turns, SMALL_HOLD_S,
-                                                    settings.header_timeout_s)
-                small_turn.give_back()
-                request = parse_small(message, method.request)
+            else:
+                request = await receive_small(context, self.small_turns,
+                                              settings.header_timeout_s, method.request)
             with self._running():
                 return await work(request, labels, turn)
         except ServiceError as exc:
@@ -389,10 +396,8 @@ class HealthService:
 
     async def _request(self, context: Any) -> Any:
         try:
-            message, turn = await receive(context, self.turns, SMALL_HOLD_S,
-                                          self.settings.header_timeout_s)
-            turn.give_back()
-            return parse_small(message, health_pb2.HealthCheckRequest)
+            return await receive_small(context, self.turns, self.settings.header_timeout_s,
+                                       health_pb2.HealthCheckRequest)
         except ServiceError as exc:
             await context.abort(STATUS_OF.get(exc.code, grpc.StatusCode.INTERNAL), exc.message)
             raise AssertionError("abort returned") from None  # abort raises

@@ -34,7 +34,7 @@ from tritonclient.utils import InferenceServerException
 
 from app.bench.cli import free_port
 from app.bench.stats import metric_value
-from tests.helpers import Server, encode, render_scene, run_server
+from tests.helpers import Server, encode, protobuf_field, render_scene, run_server
 from tests.soak import rss_mb
 
 MODEL = "dfine_n_shapes"
@@ -375,29 +375,15 @@ def _message(*fields: bytes) -> bytes:
     return b"".join(fields)
 
 
-def _field(number: int, value: bytes) -> bytes:
-    """A length-delimited protobuf field (tag, varint length, value)."""
-    length, out = len(value), bytearray()
-    while length >= 128:
-        out.append(length & 127 | 128)
-        length >>= 7
-    out.append(length)
-    return _varint_tag(number) + bytes(out) + value
-
-
-def _varint_tag(number: int) -> bytes:
-    tag = number << 3 | 2
-    return bytes([tag]) if tag < 128 else bytes([tag & 127 | 128, tag >> 7])
-
-
 def empty_inputs() -> bytes:
     return b"\x2a\x00" * (8 << 20)  # 16 MiB: 8M empty `inputs` entries
 
 
 def empty_bytes_contents() -> bytes:
     head = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
-    tensor = head.SerializeToString() + _field(5, b"\x42\x00" * ((8 << 20) - 16))
-    return bytes(pb.ModelInferRequest(model_name=MODEL).SerializeToString()) + _field(5, tensor)
+    tensor = head.SerializeToString() + protobuf_field(5, b"\x42\x00" * ((8 << 20) - 16))
+    request = bytes(pb.ModelInferRequest(model_name=MODEL).SerializeToString())
+    return request + protobuf_field(5, tensor)
 
 
 def fp32_values_for_one_image() -> bytes:

@@ -22,18 +22,10 @@ from app.api.grpc_wire import (
 )
 from app.api.v2_codec import MAX_RANK, Limits
 from app.errors import InvalidRequest, PayloadTooLarge
+from tests.helpers import protobuf_field
 
 # The shipped model's (320 x 320) limits with the default settings.
 LIMITS = Limits(16, 16 * 1024 * 1024, 16 * (3 * 320 * 320 + 2))
-
-
-def _field(number: int, value: bytes) -> bytes:
-    length, prefix = len(value), bytearray()
-    while length >= 128:
-        prefix.append(length & 127 | 128)
-        length >>= 7
-    prefix.append(length)
-    return bytes([number << 3 | 2]) + bytes(prefix) + value
 
 
 def tritonclient_request(inputs: list[tgrpc.InferInput], outputs: tuple[str, ...] = ()
@@ -85,7 +77,7 @@ def test_raw_and_typed_numeric_inputs_read_as_the_generated_parser_reads_them() 
 
 def _bytes_input(contents: bytes, shape: int = 1) -> bytes:
     head = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[shape])
-    return _field(5, head.SerializeToString() + _field(5, contents))
+    return protobuf_field(5, head.SerializeToString() + protobuf_field(5, contents))
 
 
 def _fp32_input(shape: list[int], values: int) -> bytes:
@@ -104,14 +96,14 @@ def _fp32_input(shape: list[int], values: int) -> bytes:
     (_fp32_input([1, 3, 320, 320], 4_000_000), "4000000 values for shape [1, 3, 320, 320]"),
     (_fp32_input([16, 3, 320, 320], LIMITS.max_elements + 1), "more than the model takes"),
     (_fp32_input([1] * (MAX_RANK + 1), 1), f"more than {MAX_RANK} dimensions"),
-    (_field(15, bytes(MAX_OVERHEAD_BYTES)), "beside its tensors"),  # an unknown field
+    (protobuf_field(15, bytes(MAX_OVERHEAD_BYTES)), "beside its tensors"),  # an unknown field
     (b"\x0a\x10short", "not a valid protobuf"),  # a length past the end
     (b"\x08\xff\xff", "not a valid protobuf"),  # a varint cut short
     (b"\x0b", "not a valid protobuf"),  # a group
     (b"\x02\x00", "not a valid protobuf"),  # field 0
     # 16 inputs of 256 contents of 272 unknown fields: 1.1M records within every per-message
     # bound (0.8 s of walking and parsing before the walk had one budget).
-    (_field(5, _field(5, b"\x48\x00" * (MAX_RECORDS + 16)) * MAX_RECORDS) * 16,
+    (protobuf_field(5, protobuf_field(5, b"\x48\x00" * (MAX_RECORDS + 16)) * MAX_RECORDS) * 16,
      "more than 1024 fields beside its images"),
 ], ids=["inputs", "outputs", "parameters", "records", "bytes-contents", "values-for-shape",
         "values", "rank", "overhead", "length", "varint", "group", "field-0", "nested"])
@@ -127,7 +119,7 @@ def test_an_unpacked_shape_counts_its_dimensions_too() -> None:
     head = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32")
     dims = b"\x18\x01" * (MAX_RANK + 1)  # shape as separate varint records
     with pytest.raises(InvalidRequest, match="dimensions"):
-        parse_infer_request(_field(5, head.SerializeToString() + dims), LIMITS)
+        parse_infer_request(protobuf_field(5, head.SerializeToString() + dims), LIMITS)
 
 
 def test_shapes_multiply_in_python_ints() -> None:
@@ -141,7 +133,7 @@ def test_shapes_multiply_in_python_ints() -> None:
 def test_an_image_over_the_upload_limit_is_too_large() -> None:
     limits = Limits(16, 1024, LIMITS.max_elements)
     with pytest.raises(PayloadTooLarge):
-        parse_infer_request(_bytes_input(_field(8, bytes(1025))), limits)
+        parse_infer_request(_bytes_input(protobuf_field(8, bytes(1025))), limits)
     raw = pb.ModelInferRequest(model_name="m")
     raw.inputs.add(name="image", datatype="BYTES", shape=[1])
     raw.raw_input_contents.append(struct.pack("<I", 1025) + bytes(1025))
@@ -151,9 +143,9 @@ def test_an_image_over_the_upload_limit_is_too_large() -> None:
 
 def test_model_names_are_bounded_and_utf8() -> None:
     with pytest.raises(InvalidRequest, match="UTF-8"):
-        request_target(_field(1, b"\xff\xfe"))
+        request_target(protobuf_field(1, b"\xff\xfe"))
     with pytest.raises(InvalidRequest, match="over"):
-        request_target(_field(1, b"m" * 5000))
+        request_target(protobuf_field(1, b"m" * 5000))
 
 
 def test_small_requests_are_bounded_before_they_are_parsed() -> None:
