@@ -27,8 +27,8 @@ install: $(STAMP)
 
 # Debian's prometheus (promtool) and prometheus-alertmanager (amtool) for the deployment tests,
 # nginx as the load balancer of the scaling-out test, chromium for the web page test
-# (Playwright drives it; it cannot download its own browser here). apt-get needs root, as CI
-# has.
+# (Playwright drives it; it cannot download its own browser here), wrk (a C load client) for
+# `dfine-serve bench --wrk` and its test. apt-get needs root, as CI has.
 # podman, runc and mmdebstrap build and run the images in tests/containers (docker/stand-ins.sh);
 # the dnsname plugin lets compose's services find each other by name on podman's networks.
 tools:
@@ -36,10 +36,10 @@ tools:
 	  && command -v amtool >/dev/null && command -v chromium >/dev/null \
 	  && command -v podman >/dev/null && command -v mmdebstrap >/dev/null \
 	  && PATH="$$PATH:/usr/sbin" command -v runc >/dev/null && test -x /usr/lib/cni/dnsname \
-	  && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || { \
+	  && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null && command -v wrk >/dev/null || { \
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus prometheus-alertmanager nginx chromium podman runc mmdebstrap uidmap \
+	    prometheus prometheus-alertmanager nginx chromium podman runc mmdebstrap uidmap wrk \
 	    golang-github-containernetworking-plugin-dnsname >/dev/null; }
 
 run: $(SERVE)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
 from app.errors import DeadlineExceeded, EngineFailure, NotReady, Overloaded
+from app.threads import name_os_thread
 
 log = logging.getLogger("dfine.batching")
 
@@ -217,17 +218,19 @@ class DynamicBatcher(Generic[P, R]):
                 self._observer.batch_finished(len(run.batch), now - run.started, False)
                 self._add_thread()
 
-    async def submit(self, payload: P, timeout_s: float) -> R:
+    async def submit(self, payload: P, timeout_s: float, hold_while_running: bool = False) -> R:
         """Queue one payload and wait for its result.
 
         Raises Overloaded when the queue is full, NotReady when draining, DeadlineExceeded when
         ``timeout_s`` passes before its batch starts, EngineFailure when its batch fails.
+        Cancelled, it returns at once, unless ``hold_while_running`` and its batch has started:
+        then once the run is over, as the payload (a shared-memory slot) is in use until then.
         """
         if self._closed:
             raise NotReady()
         now = self._clock()
-        item: _Item[P, R] = _Item(payload, asyncio.get_running_loop().create_future(), now,
-                                  now + timeout_s)
+        loop = asyncio.get_running_loop()
+        item: _Item[P, R] = _Item(payload, loop.create_future(), now, now + timeout_s)
         with self._changed:
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(retry_after_s=max(1, round(self.max_delay_s + 1)))
@@ -236,14 +239,23 @@ class DynamicBatcher(Generic[P, R]):
             # Under the lock: the engine threads report too, and the gauge must end at the
             # last depth, not whichever report came last.
             self._observer.queue_changed(len(self._queue))
+        # One timer rather than asyncio.wait's waiter, callbacks and timer on every item.
+        expiry = loop.call_later(timeout_s, self._expire, item)
         try:
-            done, _ = await asyncio.wait({item.future}, timeout=timeout_s)
-        except asyncio.CancelledError:  # the client went away
-            self._abandon(item, "cancelled")
+            return await (asyncio.shield(item.future) if hold_while_running else item.future)
+        except asyncio.CancelledError:  # the client went away (its batch may have started)
+            if not self._abandon(item, "cancelled") and hold_while_running:
+                with contextlib.suppress(Exception):
+                    await item.future  # the run ends (the watchdog bounds it)
             raise
-        if not done and self._abandon(item, "expired"):
-            raise DeadlineExceeded()
-        return await item.future  # started: its batch is running, so wait for the result
+        finally:
+            expiry.cancel()
+
+    def _expire(self, item: _Item[P, R]) -> None:
+        """The item's deadline passed: out of the queue with DeadlineExceeded, unless its batch
+        has started (then it waits for the run: the watchdog bounds that)."""
+        if not item.future.done() and self._abandon(item, "expired"):
+            item.future.set_exception(DeadlineExceeded())
 
     def _abandon(self, item: _Item[P, R], reason: DropReason) -> bool:
         """Take a waiting item out of the queue; False if its batch has already started."""
@@ -254,7 +266,6 @@ class DynamicBatcher(Generic[P, R]):
             with contextlib.suppress(ValueError):
                 self._queue.remove(item)
             self._observer.queue_changed(len(self._queue))
-        item.future.cancel()
         self._observer.dropped(reason)
         return True
 
@@ -300,6 +311,7 @@ class DynamicBatcher(Generic[P, R]):
         return batch
 
     def _work(self) -> None:
+        name_os_thread()
         while (batch := self._take()) is not None:
             if batch and not self._run(batch):
                 return  # cut off by the watchdog, which started a replacement

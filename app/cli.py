@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import sys
 from types import FrameType
 
@@ -20,6 +22,9 @@ from app.main import create_app
 from app.trim import fix_mmap_threshold
 
 log = logging.getLogger("dfine")
+
+ROLE_ENV = "DFINE_ROLE"  # engine or frontend: a child of the supervisor (FRONTENDS > 1)
+HTTP_FD_ENV = "DFINE_HTTP_FD"
 
 
 class DrainingServer(uvicorn.Server):
@@ -84,6 +89,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     configure_logging(settings.log_level, settings.log_format)
     fix_mmap_threshold()  # before any model is loaded (app/trim.py says why)
+    frontends = resolve_frontends(settings)
+    role = os.environ.get(ROLE_ENV)
+    if role == "frontend":
+        serve_frontend(settings.model_copy(update={"frontends": frontends}))
+        return
+    if role is None and frontends > 1:
+        from app.supervisor import run as supervise
+
+        os.environ["DFINE_FRONTENDS"] = str(frontends)  # the children's, resolved once
+        os.environ["DFINE_SUPERVISOR_PID"] = str(os.getpid())  # their metrics: app.metrics
+        sys.exit(supervise(settings.model_copy(update={"frontends": frontends}), argv))
     engine = None
     if settings.model_repository is None:
         try:
@@ -95,10 +111,49 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dfine-serve: error: model repository {settings.model_repository} is not a "
               f"directory", file=sys.stderr)
         sys.exit(2)
+    if role == "engine":
+        from app.engine_process import main as serve_engine
+
+        serve_engine(settings.model_copy(update={"frontends": frontends}), engine)
+        return
     app = create_app(settings, engine=engine)
     server = DrainingServer(server_config(app, settings), app.state.dfine,
                             drain_timeout_s=settings.request_timeout_s + 5)
     server.run()
+
+
+def resolve_frontends(settings: Settings) -> int:
+    """FRONTENDS, with 0 (auto) resolved: 1 when the engine runs on the CPU (it needs the
+    cores: front ends would only take them), else one per 4 cores, 2 to 8."""
+    if settings.frontends:
+        return settings.frontends
+    import onnxruntime as ort
+
+    from app.engine.providers import CPU, choose_providers
+
+    try:
+        providers = choose_providers(settings.provider_list, ort.get_available_providers())
+    except ModelLoadError:
+        return 1
+    if providers[:1] == [CPU]:
+        return 1
+    return max(2, min(8, (os.cpu_count() or 1) // 4))
+
+
+def serve_frontend(settings: Settings) -> None:
+    """A front end of FRONTENDS > 1: the HTTP and gRPC service on the supervisor's listening
+    socket, its models those of the engine process (app.frontend)."""
+    from app.engine_process import socket_path
+    from app.frontend import FRONTEND_INDEX_ENV, EngineLink, RemoteRegistry
+
+    index = int(os.environ.get(FRONTEND_INDEX_ENV, "0"))
+    link = EngineLink(str(socket_path()), index)
+    app = create_app(settings, registry=lambda metrics: RemoteRegistry(
+        settings, metrics, link, settings.frontends))
+    listener = socket.socket(fileno=int(os.environ[HTTP_FD_ENV]))
+    server = DrainingServer(server_config(app, settings), app.state.dfine,
+                            drain_timeout_s=settings.request_timeout_s + 5)
+    server.run(sockets=[listener])
 
 
 def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     instances: int = Field(
         0, ge=0, le=16, description="engine runs in flight at once; 0: auto (one per core on "
         "CPU, 1 on GPU)")
+    frontends: int = Field(
+        0, ge=0, le=64, description="front-end processes (HTTP, gRPC, decoding) feeding one "
+        "engine process that batches for all of them; 1: one process, as without; 0: auto (1 "
+        "when the engine runs on the CPU, which needs the cores; on a GPU one per 4 cores, 2 "
+        "to 8)")
     decode_workers: int = Field(
         0, ge=0, description="decode/resize threads; 0: one per core (at most 4 on CPU, "
         "where the engine needs the cores)")

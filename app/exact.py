@@ -18,6 +18,7 @@ import warnings
 from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from app.errors import ImageTooLarge, InvalidImage
@@ -88,8 +89,10 @@ def _check_rle_bmp(data: bytes, header: Header) -> None:
 
 def prepare_exact(rgb: Image.Image, input_width: int, input_height: int,
                   resize: str = "stretch", mean: tuple[float, float, float] | None = None,
-                  std: tuple[float, float, float] | None = None) -> PreparedImage:
-    """Model-ready pixels from a decoded RGB image, with PIL's bilinear resize."""
+                  std: tuple[float, float, float] | None = None,
+                  out: npt.NDArray[np.float32] | None = None) -> PreparedImage:
+    """Model-ready pixels from a decoded RGB image, with PIL's bilinear resize (written into
+    ``out`` when given)."""
     width, height = rgb.size
     if resize == "letterbox":
         scale = min(input_width / width, input_height / height)
@@ -97,10 +100,10 @@ def prepare_exact(rgb: Image.Image, input_width: int, input_height: int,
         canvas = Image.new("RGB", (input_width, input_height), (LETTERBOX_FILL,) * 3)
         pad_x, pad_y = (input_width - new_w) // 2, (input_height - new_h) // 2
         canvas.paste(rgb.resize((new_w, new_h), Image.Resampling.BILINEAR), (pad_x, pad_y))
-        return PreparedImage(to_chw_float(_array(canvas), mean, std), width, height,
+        return PreparedImage(to_chw_float(_array(canvas), mean, std, out), width, height,
                              (input_width, input_height), Letterbox(scale, pad_x, pad_y))
     resized = rgb.resize((input_width, input_height), Image.Resampling.BILINEAR)
-    return PreparedImage(to_chw_float(_array(resized), mean, std), width, height,
+    return PreparedImage(to_chw_float(_array(resized), mean, std, out), width, height,
                          (width, height))
 
 

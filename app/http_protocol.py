@@ -105,6 +105,11 @@ class _ClosesByLingering(asyncio.Transport):
         self._linger()
 
 
+# The scope extension through which a request hears of its client's disconnect without a
+# task of its own reading ``receive`` (one per request): a function taking a callback or None.
+ON_DISCONNECT = "dfine.on_disconnect"
+
+
 def guarded_protocol(limits: ConnectionLimits,
                      on_refusal: Callable[[str], None] | None = None) -> type[HttpToolsProtocol]:
     """A protocol class for ``uvicorn.Config(http=...)`` that applies ``limits``.
@@ -126,6 +131,7 @@ def guarded_protocol(limits: ConnectionLimits,
         _lingering = False
         _dropped_bytes = 0
         _linger_timer: asyncio.TimerHandle | None = None
+        _disconnected: Callable[[], None] | None = None  # the request's, while it waits
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -140,6 +146,9 @@ def guarded_protocol(limits: ConnectionLimits,
                 if timer is not None:
                     timer.cancel()
             super().connection_lost(exc)
+            if self._disconnected is not None:
+                callback, self._disconnected = self._disconnected, None
+                callback()
 
         # Slow readers: the write timeout, and the deadline of a response's whole send.
 
@@ -238,6 +247,18 @@ def guarded_protocol(limits: ConnectionLimits,
             super().on_headers_complete()
             if self.cycle is not previous:  # not an upgrade
                 self._watch_response(self.cycle)
+                extensions: dict[str, Any] = self.cycle.scope.setdefault(
+                    "extensions", {})
+                extensions[ON_DISCONNECT] = self._on_disconnect
+
+        # Disconnects, told to the request being answered (app.api.routes.until_disconnect).
+
+        def _on_disconnect(self, callback: Callable[[], None] | None) -> None:
+            """Call ``callback`` when the client goes (at once if it has gone); None: stop."""
+            self._disconnected = callback
+            if callback is not None and self.cycle is not None and self.cycle.disconnected:
+                self._disconnected = None
+                callback()
 
         # Each response: its start is seen, to know its size and whether the body is unread.
 

@@ -503,12 +503,19 @@ def letterbox_rgb(image_bgr: UInt8Image, width: int, height: int
 
 
 def to_chw_float(rgb: UInt8Image, mean: tuple[float, float, float] | None = None,
-                 std: tuple[float, float, float] | None = None) -> npt.NDArray[np.float32]:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1], then (x - mean) / std when given.
+                 std: tuple[float, float, float] | None = None,
+                 out: npt.NDArray[np.float32] | None = None) -> npt.NDArray[np.float32]:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1], then (x - mean) / std when given;
+    written into ``out`` (a shared-memory slot) when given, else into a new array.
 
     Divided by 255, not multiplied by 1/255: torchvision's ToTensor divides, and the two
     differ in the last bit for some values."""
-    chw = rgb.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    if out is None:
+        chw = rgb.transpose(2, 0, 1).astype(np.float32)
+    else:
+        chw = out
+        chw[...] = rgb.transpose(2, 0, 1)  # the same conversion, in place
+    chw /= np.float32(255)
     if mean is not None and std is not None:
         chw -= np.asarray(mean, np.float32)[:, None, None]
         chw /= np.asarray(std, np.float32)[:, None, None]
@@ -518,15 +525,16 @@ def to_chw_float(rgb: UInt8Image, mean: tuple[float, float, float] | None = None
 def prepare(image_bgr: UInt8Image, input_width: int, input_height: int, resize: str = "stretch",
             mean: tuple[float, float, float] | None = None,
             std: tuple[float, float, float] | None = None,
-            original_size: tuple[int, int] | None = None) -> PreparedImage:
+            original_size: tuple[int, int] | None = None,
+            out: npt.NDArray[np.float32] | None = None) -> PreparedImage:
     """Model-ready pixels. ``original_size`` (w, h) is the image's size before a reduced-scale
     decode (stretch only: the model scales its boxes to that size)."""
     height, width = image_bgr.shape[:2]
     if resize == "letterbox":
         rgb, box = letterbox_rgb(image_bgr, input_width, input_height)
-        return PreparedImage(to_chw_float(rgb, mean, std), width, height,
+        return PreparedImage(to_chw_float(rgb, mean, std, out), width, height,
                              (input_width, input_height), box)
     if original_size is not None:
         width, height = original_size
     rgb = stretch_resize_rgb(image_bgr, input_width, input_height)
-    return PreparedImage(to_chw_float(rgb, mean, std), width, height, (width, height))
+    return PreparedImage(to_chw_float(rgb, mean, std, out), width, height, (width, height))

@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from app.api.admission import DETECT_PATHS, AdmissionGate
 from app.api.deps import AppState
 from app.api.errors import install_error_handlers
+from app.api.fast_detect import DetectFastPath
 from app.api.head import HeadAsGet
 from app.api.observe import RequestObserver
 from app.api.repository_routes import router as repository_router
@@ -28,6 +29,7 @@ from app.engine.engine import OnnxEngine
 from app.errors import ModelLoadError
 from app.metrics import Metrics
 from app.registry import ModelRegistry
+from app.routing import Routing
 
 if TYPE_CHECKING:
     from app.api.grpc_service import GrpcServer
@@ -63,16 +65,19 @@ def _grpc_server(state: AppState) -> GrpcServer:
     return GrpcServer(state)
 
 
-def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
+def create_app(settings: Settings, engine: OnnxEngine | None = None,
+               registry: Callable[[Metrics], Routing] | None = None) -> FastAPI:
     """An app serving the model repository (MODEL_REPOSITORY), ``settings.model_path``, or
-    an already loaded ``engine``.
+    an already loaded ``engine``; or, in a front end (FRONTENDS > 1), the engine process's
+    models through ``registry`` (app.frontend.RemoteRegistry).
 
     The models load and warm up in the background after startup: /healthz answers at once,
     /readyz turns 200 when every model is ready.
     """
     metrics = Metrics()
     state = AppState(settings=settings, metrics=metrics,
-                     registry=ModelRegistry(settings, metrics))
+                     registry=registry(metrics) if registry is not None
+                     else ModelRegistry(settings, metrics))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -109,6 +114,7 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None) -> FastAPI:
     app.include_router(pages)
     app.mount("/static/swagger", StaticFiles(directory=STATIC / "swagger"), name="swagger")
 
+    app.add_middleware(DetectFastPath, state=state)  # innermost: inside the gate
     app.add_middleware(AdmissionGate, state=state)
     if settings.cors_origin_list:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,

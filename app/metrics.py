@@ -1,13 +1,30 @@
 """Prometheus metrics (base units, ``_total`` counters, ``_seconds`` histograms).
 
-Each app owns its registry, so several apps (tests) never share counters.
+Single-process mode (FRONTENDS=1, PROMETHEUS_MULTIPROC_DIR unset): each app owns its registry, so
+several apps (tests) never share counters.
+
+Multiprocess mode (the supervisor sets PROMETHEUS_MULTIPROC_DIR, or PROMETHEUS_MULTIPROCESS_DIR,
+for every child): each process writes its series to its own files there, and /metrics, in any
+front end, merges them into one view of the service (``app.metrics_view``). The names, types,
+labels and meanings are the same in both modes. The engine's gauges use the ``livemax`` mode:
+only the engine sets them, so the max is its value; ``live`` drops a dead engine's file when the
+supervisor marks it dead (``mark_process_dead``), so its stale values vanish; no ``pid`` label
+is added, so the series are those of one process and dashboards, alerts and the HPA's rule
+match them as before; and a max, unlike a sum, is not doubled while a restarted engine has
+written and the dead one is not yet marked. A series cannot be deleted from a file, so an
+unloaded version's gauges and model info are set to NaN, which the view leaves out.
+
 Average batch size = dfine_images_total / dfine_batch_size_count, as Triton reports it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+import math
+import os
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,8 +36,11 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client import values as prometheus_values
+from prometheus_client.metrics import MetricWrapperBase
 
 from app.batching import DropReason
+from app.metrics_view import service_registry
 
 # From well under a millisecond (a cached TensorRT run) to seconds (a big batch on a CPU).
 LATENCY_BUCKETS_S = (
@@ -37,55 +57,172 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 VERSION_LABELS = ("model", "version")
 ModelEvent = Literal["load", "unload", "load_failed"]
+MULTIPROCESS_DIR_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
+SUPERVISOR_PID_VARIABLE = "DFINE_SUPERVISOR_PID"
+MODEL_INFO_HELP = "Each model version being served"
+# Multiprocess mode: the engine's gauges of one version (the only process that sets them).
+ENGINE_GAUGE_MODE: Literal["livemax"] = "livemax"
+
+_M = TypeVar("_M", bound=MetricWrapperBase)
+
+# Multiprocess mode: a process's values live in its files, and two objects of one series would
+# each count from their own copy and overwrite the other's counts; so every Metrics of a process
+# shares one object per metric (keyed by name, and for the model info by its label names).
+_process_metrics: dict[str, MetricWrapperBase] = {}
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of multiprocess mode, or None: single-process mode."""
+    for variable in MULTIPROCESS_DIR_VARIABLES:
+        if os.environ.get(variable):
+            return os.environ[variable]
+    return None
+
+
+def _write_values_to_files(path: str) -> None:
+    """prometheus_client chooses where values live when it is first imported, from
+    PROMETHEUS_MULTIPROC_DIR: the other name, or an import before the variable was set, needs
+    the switch made here (before any metric exists)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    if not getattr(prometheus_values.ValueClass, "_multiprocess", False):
+        prometheus_values.ValueClass = (
+            prometheus_values.MultiProcessValue())  # type: ignore[no-untyped-call]
+
+
+def _supervisor_pid() -> int:
+    """The root of the service's process tree; this process where none is named."""
+    with contextlib.suppress(ValueError):
+        return int(os.environ.get(SUPERVISOR_PID_VARIABLE, ""))
+    return os.getpid()
+
+
+def _process_wide(key: str, build: Callable[[], _M]) -> _M:
+    made = _process_metrics.get(key)
+    if made is None:
+        made = _process_metrics[key] = build()
+    return cast(_M, made)
+
+
+def _drop_series(gauge: Gauge, labels: dict[str, str]) -> None:
+    """Multiprocess mode: this process's series of ``gauge`` that carry ``labels`` go to NaN,
+    which the view leaves out (a series cannot be deleted from a file). Only those this process
+    has: it writes none where it wrote none."""
+    live = [sample.labels for family in gauge.collect() for sample in family.samples
+            if labels.items() <= sample.labels.items() and not math.isnan(sample.value)]
+    for series in live:
+        gauge.labels(**series).set(math.nan)
+
+
+class _ModelInfo(Protocol):
+    def set(self, model: str, version: str, values: dict[str, str]) -> None: ...
+
+    def remove(self, model: str, version: str) -> None: ...
+
+
+class _InfoMetric:
+    """Single-process mode: prometheus_client's Info."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.info = Info("dfine_model", MODEL_INFO_HELP, VERSION_LABELS, registry=registry)
+
+    def set(self, model: str, version: str, values: dict[str, str]) -> None:
+        self.info.labels(model, version).info(values)
+
+    def remove(self, model: str, version: str) -> None:
+        with contextlib.suppress(KeyError):
+            self.info.remove(model, version)
+
+
+class _InfoGauges:
+    """Multiprocess mode, where Info does not work: a gauge ``dfine_model_info`` at 1 gives
+    the same exposition. Its label names are the version's and the info's keys, so there is a
+    gauge per set of keys; a version's info replaced or removed is set to NaN (dropped from the
+    view)."""
+
+    _KEY = "dfine_model_info:"
+
+    def set(self, model: str, version: str, values: dict[str, str]) -> None:
+        keys = tuple(sorted(values))
+        if set(keys) & set(VERSION_LABELS):
+            raise ValueError(f"model info keys overlap the labels {VERSION_LABELS}: {keys}")
+        self.remove(model, version)
+        gauge = _process_wide(self._KEY + ",".join(keys), lambda: Gauge(
+            "dfine_model_info", MODEL_INFO_HELP, [*VERSION_LABELS, *keys], registry=None,
+            multiprocess_mode=ENGINE_GAUGE_MODE))
+        gauge.labels(model, version, *(values[key] for key in keys)).set(1)
+
+    def remove(self, model: str, version: str) -> None:
+        for key, gauge in list(_process_metrics.items()):
+            if key.startswith(self._KEY):
+                assert isinstance(gauge, Gauge)
+                _drop_series(gauge, {"model": model, "version": version})
 
 
 class Metrics:
     """The registry's metrics. Those of one model version carry ``model`` and ``version``
     labels and are reached through ``for_version``; request metrics carry them too (empty for
-    a request that named no model, e.g. /healthz)."""
+    a request that named no model, e.g. /healthz). ``registry`` is what /metrics exposes."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
+        self.multiprocess_dir = multiprocess_dir()
+        if self.multiprocess_dir is None:
+            self.registry = CollectorRegistry()
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+        else:
+            _write_values_to_files(self.multiprocess_dir)
+            self.registry = service_registry(self.multiprocess_dir, _supervisor_pid())
         by_version = list(VERSION_LABELS)
-        self.requests = Counter("dfine_requests", "HTTP requests by endpoint and status",
-                                ["endpoint", "status", *by_version], registry=r)
-        self.request_duration = Histogram(
-            "dfine_request_duration_seconds", "Time from request to response",
-            ["endpoint", *by_version], buckets=LATENCY_BUCKETS_S, registry=r)
-        self.queue_wait = Histogram("dfine_queue_wait_seconds",
-                                    "Time an image waited for its engine run", by_version,
-                                    buckets=LATENCY_BUCKETS_S, registry=r)
-        self.preprocess = Histogram("dfine_preprocess_seconds", "Decode and resize, per image",
-                                    by_version, buckets=LATENCY_BUCKETS_S, registry=r)
-        self.inference = Histogram("dfine_inference_seconds", "One engine run (a whole batch)",
-                                   by_version, buckets=LATENCY_BUCKETS_S, registry=r)
-        self.batch_size = Histogram("dfine_batch_size", "Images per engine run", by_version,
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("dfine_queue_depth", "Images waiting for the engine",
-                                 by_version, registry=r)
-        self.queue_capacity = Gauge("dfine_queue_capacity", "MAX_QUEUE: images the queue holds",
-                                    by_version, registry=r)
-        self.inflight_batches = Gauge("dfine_inflight_batches", "Engine runs in progress",
-                                      by_version, registry=r)
-        self.images = Counter("dfine_images", "Images run through the engine", by_version,
-                              registry=r)
-        self.errors = Counter("dfine_errors", "Error responses by code", ["code"], registry=r)
+        self.requests = self._define(Counter, "dfine_requests",
+                                     "HTTP requests by endpoint and status",
+                                     ["endpoint", "status", *by_version])
+        self.request_duration = self._define(
+            Histogram, "dfine_request_duration_seconds", "Time from request to response",
+            ["endpoint", *by_version], buckets=LATENCY_BUCKETS_S)
+        self.queue_wait = self._define(Histogram, "dfine_queue_wait_seconds",
+                                       "Time an image waited for its engine run", by_version,
+                                       buckets=LATENCY_BUCKETS_S)
+        self.preprocess = self._define(Histogram, "dfine_preprocess_seconds",
+                                       "Decode and resize, per image", by_version,
+                                       buckets=LATENCY_BUCKETS_S)
+        self.inference = self._define(Histogram, "dfine_inference_seconds",
+                                      "One engine run (a whole batch)", by_version,
+                                      buckets=LATENCY_BUCKETS_S)
+        self.batch_size = self._define(Histogram, "dfine_batch_size", "Images per engine run",
+                                       by_version, buckets=BATCH_BUCKETS)
+        self.queue_depth = self._define(Gauge, "dfine_queue_depth",
+                                        "Images waiting for the engine", by_version,
+                                        multiprocess_mode=ENGINE_GAUGE_MODE)
+        self.queue_capacity = self._define(Gauge, "dfine_queue_capacity",
+                                           "MAX_QUEUE: images the queue holds", by_version,
+                                           multiprocess_mode=ENGINE_GAUGE_MODE)
+        self.inflight_batches = self._define(Gauge, "dfine_inflight_batches",
+                                             "Engine runs in progress", by_version,
+                                             multiprocess_mode=ENGINE_GAUGE_MODE)
+        self.images = self._define(Counter, "dfine_images", "Images run through the engine",
+                                   by_version)
+        self.errors = self._define(Counter, "dfine_errors", "Error responses by code", ["code"])
         for code in ERROR_CODES:  # every series exists from the start, so rate() sees the 1st
             self.errors.labels(code=code)
-        self.cancelled = Counter("dfine_cancelled", "Requests dropped before their run because "
-                                 "the client went away", by_version, registry=r)
-        self.expired = Counter("dfine_expired", "Requests dropped before their run because "
-                               "their deadline passed", by_version, registry=r)
-        self.engine_failures = Counter("dfine_engine_failures", "Engine runs that raised",
-                                       by_version, registry=r)
-        self.model_info = Info("dfine_model", "Each model version being served", by_version,
-                               registry=r)
-        self.model_events = Counter(
-            "dfine_model_events", "Model versions loaded, unloaded, and failed to load",
-            [*by_version, "event"], registry=r)
+        self.cancelled = self._define(Counter, "dfine_cancelled", "Requests dropped before "
+                                      "their run because the client went away", by_version)
+        self.expired = self._define(Counter, "dfine_expired", "Requests dropped before their "
+                                    "run because their deadline passed", by_version)
+        self.engine_failures = self._define(Counter, "dfine_engine_failures",
+                                            "Engine runs that raised", by_version)
+        self._model_info: _ModelInfo = (_InfoMetric(self.registry) if self.multiprocess_dir is None
+                                        else _InfoGauges())
+        self.model_events = self._define(
+            Counter, "dfine_model_events", "Model versions loaded, unloaded, and failed to load",
+            [*by_version, "event"])
+
+    def _define(self, kind: type[_M], name: str, documentation: str,
+                labelnames: Sequence[str], **kwargs: Any) -> _M:
+        if self.multiprocess_dir is None:
+            return kind(name, documentation, labelnames, registry=self.registry, **kwargs)
+        # Not in the exposed registry: that one reads every process's files.
+        return _process_wide(name, lambda: kind(name, documentation, labelnames, registry=None,
+                                                **kwargs))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -96,12 +233,40 @@ class Metrics:
     def model_event(self, model: str, version: int, event: ModelEvent) -> None:
         self.model_events.labels(model, str(version), event).inc()
 
+    def set_model_info(self, model: str, version: str, values: dict[str, str]) -> None:
+        self._model_info.set(model, version, values)
+
+    def drop_version_series(self, model: str, version: str) -> None:
+        """An unloaded version's gauges and model info go; its counters stay."""
+        for gauge in (self.queue_depth, self.queue_capacity, self.inflight_batches):
+            self._drop_gauge_series(gauge, model, version)
+        self._model_info.remove(model, version)
+
+    def _drop_gauge_series(self, gauge: Gauge, model: str, version: str) -> None:
+        if self.multiprocess_dir is None:
+            with contextlib.suppress(KeyError):
+                gauge.remove(model, version)
+        else:
+            _drop_series(gauge, {"model": model, "version": version})
+
+
+class _EngineGauges:
+    """One version's gauges, which only the process that owns its queue sets."""
+
+    def __init__(self, root: Metrics, labels: tuple[str, str]) -> None:
+        self.queue_depth: Gauge = root.queue_depth.labels(*labels)
+        self.queue_capacity: Gauge = root.queue_capacity.labels(*labels)
+        self.inflight_batches: Gauge = root.inflight_batches.labels(*labels)
+
 
 class VersionMetrics:
     """One model version's metrics, its labels bound once (``labels()`` costs a lock and a
-    dict lookup per call): the batcher's observer, and what the detector records."""
+    dict lookup per call): the batcher's observer, and what the detector records.
 
-    _GAUGES = ("queue_depth", "queue_capacity", "inflight_batches")
+    Its gauges come into being together when first used (in multiprocess mode: in the engine,
+    which sets ``queue_capacity`` as it routes to the version), so that a front end, which never
+    sets them, writes no zeros that would outlive the engine's values; in single-process mode
+    at once, as the process that made them owns the queue."""
 
     def __init__(self, root: Metrics, model: str, version: str) -> None:
         self.root, self.model, self.version = root, model, version
@@ -111,33 +276,35 @@ class VersionMetrics:
         self._inference = root.inference.labels(*labels)
         self._batch_size = root.batch_size.labels(*labels)
         self._images = root.images.labels(*labels)
-        self._queue_depth = root.queue_depth.labels(*labels)
-        self._inflight = root.inflight_batches.labels(*labels)
         self._cancelled = root.cancelled.labels(*labels)
         self._expired = root.expired.labels(*labels)
         self._engine_failures = root.engine_failures.labels(*labels)
-        self.queue_capacity = root.queue_capacity.labels(*labels)
+        if root.multiprocess_dir is None:
+            _ = self._gauges
+
+    @cached_property
+    def _gauges(self) -> _EngineGauges:
+        return _EngineGauges(self.root, (self.model, self.version))
+
+    @property
+    def queue_capacity(self) -> Gauge:
+        return self._gauges.queue_capacity
 
     def info(self, values: dict[str, str]) -> None:
-        self.root.model_info.labels(self.model, self.version).info(values)
+        self.root.set_model_info(self.model, self.version, values)
 
     def close(self) -> None:
         """The version is unloaded: its gauges and info go (a queue of an unloaded version is
         no queue); its counters and histograms stay, so that rate() over the change is
         right."""
-        labels = (self.model, self.version)
-        for name in self._GAUGES:
-            with contextlib.suppress(KeyError):
-                getattr(self.root, name).remove(*labels)
-        with contextlib.suppress(KeyError):
-            self.root.model_info.remove(*labels)
+        self.root.drop_version_series(self.model, self.version)
 
     # BatchObserver
     def queue_changed(self, depth: int) -> None:
-        self._queue_depth.set(depth)
+        self._gauges.queue_depth.set(depth)
 
     def inflight_changed(self, batches: int) -> None:
-        self._inflight.set(batches)
+        self._gauges.inflight_batches.set(batches)
 
     def batch_started(self, size: int, queue_waits_s: list[float]) -> None:
         self._batch_size.observe(size)

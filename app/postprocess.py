@@ -46,6 +46,8 @@ def select(
     if class_ids is not None:
         keep &= np.isin(labels, np.fromiter(class_ids, np.int64, len(class_ids)))
     index = np.flatnonzero(keep)
+    if not index.size:
+        return []
     index = index[np.argsort(-scores[index], kind="stable")]
     picked = original_boxes(boxes[index], letterbox).astype(np.float64)
     if dedupe_iou > 0:
@@ -55,11 +57,11 @@ def select(
     if clip:
         picked[:, 0::2] = picked[:, 0::2].clip(0, width)
         picked[:, 1::2] = picked[:, 1::2].clip(0, height)
-    picked = picked.round(2)
+    # Python numbers in one call per array, not one numpy scalar per value.
     return [
-        Detection(int(labels[i]), label_name(names, int(labels[i])), round(float(scores[i]), 5),
-                  (float(b[0]), float(b[1]), float(b[2]), float(b[3])))
-        for i, b in zip(index, picked)
+        Detection(class_id, label_name(names, class_id), round(score, 5), (b[0], b[1], b[2], b[3]))
+        for class_id, score, b in zip(labels[index].tolist(), scores[index].tolist(),
+                                      picked.round(2).tolist())
     ]
 
 

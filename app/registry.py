@@ -20,7 +20,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
@@ -34,29 +33,18 @@ from app.model_repository import (
     MODEL_FILE,
     Fingerprint,
     ModelEntry,
-    check_name,
     model_directory,
     scan,
     scan_model,
     single_model,
 )
+from app.routing import Routing, State, VersionStatus
 from app.service import Detector
 from app.trim import libc_trim
 
 log = logging.getLogger("dfine.models")
 
-State = Literal["LOADING", "READY", "UNLOADING", "UNAVAILABLE"]
 Loader = Callable[[Settings, str], OnnxEngine]  # (settings with model_path, name) -> engine
-
-
-@dataclass(frozen=True)
-class VersionStatus:
-    """A line of the repository index (Triton's states)."""
-
-    name: str
-    version: int | None  # None: the model as a whole (e.g. its settings.json is wrong)
-    state: State
-    reason: str = ""
 
 
 @dataclass
@@ -94,7 +82,7 @@ def check_outputs(engine: OnnxEngine) -> None:
         raise ValueError(f"class ids outside 0..{(classes or 1) - 1}")
 
 
-class ModelRegistry:
+class ModelRegistry(Routing):
     """What is served (``resolve``), what the repository holds (``index``), and the changes:
     at start, on each poll, on explicit load and unload calls."""
 
@@ -104,6 +92,8 @@ class ModelRegistry:
         self.metrics = metrics
         self._loader = loader or (lambda s, name: load_engine(s, name))
         self._serving: dict[str, dict[int, _Loaded]] = {}  # the routing table
+        self._routes: dict[str, dict[int, Detector]] | None = None  # its detectors (_table)
+        self.on_change: Callable[[], None] = lambda: None  # told of every change of state
         self._status: dict[tuple[str, int | None], VersionStatus] = {}
         self._failed: dict[tuple[str, int], Fingerprint] = {}  # not retried until changed
         self._entries: dict[str, ModelEntry] = {}  # the last scan
@@ -115,59 +105,23 @@ class ModelRegistry:
         self.accepting = True
         self.failure: str | None = None  # why the start left a model unserved
 
-    # --- routing -------------------------------------------------------------------------
+    # --- routing (app.routing) -------------------------------------------------------------
 
-    def default_name(self) -> str:
-        if self.settings.default_model:
-            return self.settings.default_model
-        names = sorted(set(self._serving) | set(self._entries))
-        if len(names) == 1:
-            return names[0]
-        raise InvalidRequest(f"name a model (query model=...): this service serves "
-                             f"{', '.join(names[:20]) or 'none yet'}")
+    def _table(self) -> dict[str, dict[int, Detector]]:
+        # Built once per change of the routing table, not per request.
+        if self._routes is None:
+            self._routes = {name: {v: loaded.detector for v, loaded in versions.items()}
+                            for name, versions in self._serving.items()}
+        return self._routes
 
-    def default_or_none(self) -> str | None:
-        try:
-            return self.default_name()
-        except InvalidRequest:
-            return None
+    def _in_repository(self, name: str) -> bool:
+        return name in self._entries
 
-    def resolve(self, name: str | None = None, version: int | None = None) -> Detector:
-        """The detector a request for ``name`` (default: the default model) and ``version``
-        (default: its newest loaded) goes to; NotFound, or NotReady while it loads."""
-        if not self.started or not self.accepting:
-            raise NotReady()
-        name = name or self.default_name()
-        versions = self._serving.get(name)
-        if not versions:
-            self.validate_name(name)
-            if any(s.state == "LOADING" for (n, _), s in self._status.items() if n == name):
-                raise NotReady(f"model {name[:128]!r} is loading")
-            if name in self._entries:
-                raise NotFound(f"model {name!r} has no version loaded")
-            raise NotFound(f"unknown model {name[:128]!r}; this service serves "
-                           f"{', '.join(sorted(self._serving)[:20]) or 'none'}")
-        if version is None:
-            return versions[max(versions)].detector
-        loaded = versions.get(version)
-        if loaded is None:
-            raise NotFound(f"version {version} of model {name!r} is not loaded (loaded: "
-                           f"{', '.join(map(str, sorted(versions)))})")
-        return loaded.detector
+    def _is_loading(self, name: str) -> bool:
+        return any(s.state == "LOADING" for (n, _), s in self._status.items() if n == name)
 
-    def find(self, name: str | None, version: int | None) -> Detector | None:
-        try:
-            return self.resolve(name, version)
-        except (NotFound, NotReady, InvalidRequest):
-            return None
-
-    def detectors(self) -> list[Detector]:
-        """Every loaded version's, by name then version."""
-        return [self._serving[n][v].detector for n in sorted(self._serving)
-                for v in sorted(self._serving[n])]
-
-    def versions_of(self, name: str) -> list[int]:
-        return sorted(self._serving.get(name, {}))
+    def _repository_names(self) -> set[str]:
+        return set(self._entries)
 
     def index(self, ready_only: bool = False) -> list[VersionStatus]:
         """Every model in the repository or loaded, each version's state (Triton's index)."""
@@ -180,7 +134,7 @@ class ModelRegistry:
 
     @property
     def hung(self) -> bool:
-        return any(d.batcher.hung_runs > 0 for d in self.detectors())
+        return any(d.runs.hung_runs > 0 for d in self.detectors())
 
     @property
     def ready(self) -> bool:
@@ -190,25 +144,6 @@ class ModelRegistry:
         replica unready)."""
         return (self.started and self.accepting and bool(self._serving)
                 and all(name in self._serving for name in self._wanted) and not self.hung)
-
-    def model_ready(self, name: str, version: int | None = None) -> bool:
-        versions = self._serving.get(name, {})
-        return self.started and self.accepting and (
-            bool(versions) if version is None else version in versions)
-
-    def known(self, name: str) -> bool:
-        return name in self._entries or name in self._serving
-
-    def validate_name(self, name: str) -> None:
-        """Every name a client gives passes here before anything is looked up or read: one
-        the service knows, or one that follows the repository's naming rule; InvalidRequest
-        otherwise. (A known name may break the rule: MODEL_PATH's stem names its model.)"""
-        if self.known(name):
-            return
-        try:
-            check_name(name)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
 
     @property
     def memory_bound_bytes(self) -> int:
@@ -254,6 +189,7 @@ class ModelRegistry:
                     self.failure = str(exc)
                     log.error("cannot read the models: %s", exc)
                     self.started = True
+                    self.on_change()
                     return
                 await self._apply(entries)
             self._wanted = {n for n, e in self._entries.items() if e.wanted or e.error}
@@ -267,6 +203,7 @@ class ModelRegistry:
                 self.failure = f"no model in {self.settings.model_repository}"
                 log.error("%s", self.failure)
             self.started = True
+            self.on_change()
 
     async def poll_forever(self) -> None:
         """MODEL_CONTROL=poll: rescan every REPOSITORY_POLL_S and apply what changed."""
@@ -445,6 +382,7 @@ class ModelRegistry:
         detector.start()
         previous = self._serving.setdefault(name, {}).get(version)
         self._serving[name][version] = _Loaded(detector, fingerprint, metrics)
+        self._routes = None
         self._set(name, version, "READY")
         self.metrics.model_event(name, version, "load")
         buckets = detector.engine.buckets
@@ -463,6 +401,7 @@ class ModelRegistry:
         loaded = versions.pop(version, None)
         if not versions:
             self._serving.pop(name, None)
+        self._routes = None
         if loaded is not None:
             self._set(name, version, "UNLOADING", reason)
             self._spawn_retire(name, version, loaded, reason)
@@ -494,6 +433,7 @@ class ModelRegistry:
 
     def _set(self, name: str, version: int | None, state: State, reason: str = "") -> None:
         self._status[(name, version)] = VersionStatus(name, version, state, reason)
+        self.on_change()
 
     def _note_model_error(self, name: str, error: str) -> None:
         before = self._status.get((name, None))
@@ -515,6 +455,7 @@ class ModelRegistry:
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests; let every version's admitted ones finish."""
         self.accepting = False
+        self.on_change()
         results = await asyncio.gather(*(d.drain(timeout_s) for d in self.detectors()))
         return all(results)
 

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +27,7 @@ from app.orientation import OrientationMode
 from app.postprocess import Detection, original_boxes, select
 from app.render import ImageFormat, draw
 from app.render import encode as encode_image
+from app.threads import name_os_thread
 from app.trim import IdleTrimmer
 
 MAX_ROOM_WAITERS = 256
@@ -72,11 +74,76 @@ class DetectResult:
     batch_size: int  # images in the engine run this image went through
 
 
+class Place(Protocol):
+    """Where one model-ready image is written before its run: ``view`` (a shared-memory slot
+    of a front end, app.frontend), or None for a new array. Given back with ``release``
+    (nothing, once its run holds it)."""
+
+    view: npt.NDArray[np.float32] | None
+
+    def release(self) -> None: ...
+
+
+class _NewArray:
+    view: npt.NDArray[np.float32] | None = None
+
+    def release(self) -> None:
+        pass
+
+
+NEW_ARRAY = _NewArray()
+
+
+class Runs(Protocol):
+    """Where a version's images run: its own batcher and engine (one process), or the engine
+    process (FRONTENDS > 1: app.frontend.RemoteRuns)."""
+
+    @property
+    def hung_runs(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def place(self) -> Place: ...
+
+    async def submit(self, payload: PreparedImage, timeout_s: float) -> _Row: ...
+
+    async def drain(self, timeout_s: float) -> bool: ...
+
+    async def stop(self) -> None: ...
+
+
+class _LocalRuns:
+    """A version's own batcher: images in new arrays, run in this process."""
+
+    def __init__(self, batcher: DynamicBatcher[PreparedImage, _Row] | None) -> None:
+        assert batcher is not None
+        self.batcher = batcher
+
+    @property
+    def hung_runs(self) -> int:
+        return self.batcher.hung_runs
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    def place(self) -> Place:
+        return NEW_ARRAY
+
+    async def submit(self, payload: PreparedImage, timeout_s: float) -> _Row:
+        return await self.batcher.submit(payload, timeout_s)
+
+    async def drain(self, timeout_s: float) -> bool:
+        return await self.batcher.drain(timeout_s)
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+
 class Detector:
     """One model version served: its engine, its batcher, its own admission places."""
 
     def __init__(self, engine: OnnxEngine, settings: Settings, metrics: VersionMetrics,
-                 version: int = 1) -> None:
+                 version: int = 1, runs: Runs | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
@@ -84,20 +151,28 @@ class Detector:
         self.version = version
         self.max_batch_size = engine.parallel.max_batch_size
         self.decode_workers = engine.parallel.decode_workers
-        self._decode_pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
+        self._decode_pool = ThreadPoolExecutor(
+            self.decode_workers, thread_name_prefix="decode", initializer=name_os_thread)
         # Requests admitted at once (each holding its upload, then its decoded image): enough
         # to keep the queue and every engine instance full, and no more. This is what bounds
         # memory: see docs/limits-and-reliability.md, "Memory".
+        # With FRONTENDS=N, each front end admits as many (a share would leave one front end
+        # refusing while another has room, as connections are not spread evenly).
         self.max_admitted = (settings.max_queue + self.decode_workers
                              + engine.parallel.instances * self.max_batch_size)
-        # The batcher's own bound never refuses an admitted request: refusing after the upload
-        # was read and decoded would waste what admission exists to save.
-        self.batcher: DynamicBatcher[PreparedImage, _Row] = DynamicBatcher(
-            self._run_batch, max_batch_size=self.max_batch_size,
-            max_delay_s=settings.max_delay_ms / 1000, max_queue=self.max_admitted,
-            batch_sizes=engine.buckets,
-            instances=engine.parallel.instances, run_timeout_s=settings.engine_timeout_s,
-            observer=metrics)
+        # The batcher's own bound never refuses an admitted request (every front end's, in the
+        # engine process): refusing after the upload was read and decoded would waste what
+        # admission exists to save.
+        self.batcher: DynamicBatcher[PreparedImage, _Row] | None = None
+        if runs is None:
+            self.batcher = DynamicBatcher(
+                self._run_batch, max_batch_size=self.max_batch_size,
+                max_delay_s=settings.max_delay_ms / 1000,
+                max_queue=self.max_admitted * max(1, settings.frontends),
+                batch_sizes=engine.buckets,
+                instances=engine.parallel.instances, run_timeout_s=settings.engine_timeout_s,
+                observer=metrics)
+        self.runs: Runs = runs or _LocalRuns(self.batcher)
         self._admitted = 0
         self._trimmer = IdleTrimmer()
         self._room_waiters: deque[asyncio.Future[None]] = deque()
@@ -105,7 +180,8 @@ class Detector:
         # Renders decode the full image again, draw and encode it: their own threads, so that
         # they never hold up the decoding of /detect requests, and a bound on those in flight
         # (held until the response is sent: app.api.routes).
-        self._render_pool = ThreadPoolExecutor(settings.max_renders, thread_name_prefix="render")
+        self._render_pool = ThreadPoolExecutor(
+            settings.max_renders, thread_name_prefix="render", initializer=name_os_thread)
         self._renders = 0
 
     @property
@@ -124,11 +200,12 @@ class Detector:
                 + settings.max_renders * 3 * settings.max_pixels * 3)
 
     def start(self) -> None:
-        self.batcher.start()
+        self.runs.start()
 
     def warm_up(self) -> None:
         self.engine.warm_up()
-        self.batcher.use_costs(self.engine.bucket_costs)
+        if self.batcher is not None:
+            self.batcher.use_costs(self.engine.bucket_costs)
 
     async def acquire(self, images: int, wait_s: float) -> None:
         """Hold places for ``images`` images for one request, or raise Overloaded (NotReady when
@@ -167,10 +244,11 @@ class Detector:
                 self._admitted += 1  # handed over: a newcomer cannot take it first
                 waiter.set_result(None)
 
-    def prepare(self, data: bytes, orientation: OrientationMode | None = None) -> PreparedImage:
+    def prepare(self, data: bytes, orientation: OrientationMode | None = None,
+                out: npt.NDArray[np.float32] | None = None) -> PreparedImage:
         """Decode and resize one upload (PREPROCESS exact or fast), turned as its EXIF says
-        unless ``orientation`` (default: the setting) is ``stored``: the model-ready tensor and
-        the original size in that frame."""
+        unless ``orientation`` (default: the setting) is ``stored``: the model-ready tensor
+        (written into ``out`` when given) and the original size in that frame."""
         orientation = orientation or self.settings.orientation
         started = time.perf_counter()
         info = self.engine.info
@@ -178,23 +256,26 @@ class Detector:
         mean, std = (None, None) if norm.is_identity else (norm.mean, norm.std)
         if self.settings.preprocess == "exact":
             prepared = prepare_exact(open_rgb(data, self.settings.max_pixels, orientation),
-                                     info.input_width, info.input_height, info.resize, mean, std)
+                                     info.input_width, info.input_height, info.resize, mean, std,
+                                     out)
         else:
             stretch = info.resize == "stretch"
             decoded = decode(data, self.settings.max_pixels,
                              max(info.input_width, info.input_height) if stretch else None,
                              orientation)
             prepared = prepare(decoded.image, info.input_width, info.input_height, info.resize,
-                               mean, std, (decoded.width, decoded.height) if stretch else None)
+                               mean, std, (decoded.width, decoded.height) if stretch else None,
+                               out)
         self.metrics.preprocess.observe(time.perf_counter() - started)
         return prepared
 
-    async def _prepare_in_pool(self, data: bytes | memoryview,
+    async def _prepare_in_pool(self, data: bytes | memoryview, place: Place,
                                orientation: OrientationMode | None = None) -> PreparedImage:
-        """``prepare`` in a decode worker. Cancelled (its client left, or another image of its
-        request failed), a decode not started yet never starts; one already running is waited
-        for, so that the request's places are held until its memory is given back."""
-        future = self._decode_pool.submit(self._prepare_bytes, data, orientation)
+        """``prepare`` in a decode worker, into ``place``. Cancelled (its client left, or
+        another image of its request failed), a decode not started yet never starts; one
+        already running is waited for, so that the request's places are held until its memory
+        is given back (and its slot is written no more)."""
+        future = self._decode_pool.submit(self._prepare_bytes, data, orientation, place.view)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -203,11 +284,11 @@ class Detector:
                     await asyncio.wrap_future(future)
             raise
 
-    def _prepare_bytes(self, data: bytes | memoryview, orientation: OrientationMode | None
-                       ) -> PreparedImage:
+    def _prepare_bytes(self, data: bytes | memoryview, orientation: OrientationMode | None,
+                       out: npt.NDArray[np.float32] | None) -> PreparedImage:
         # A view into a request's body (/v2) becomes bytes here, in the worker: one copy per
         # decode worker at a time (counted in the memory bound), not one per queued image.
-        return self.prepare(data if isinstance(data, bytes) else bytes(data), orientation)
+        return self.prepare(data if isinstance(data, bytes) else bytes(data), orientation, out)
 
     def _run_batch(self, items: list[PreparedImage]) -> list[_Row]:
         started = time.perf_counter()
@@ -216,6 +297,7 @@ class Detector:
         images = items[0].pixels[None] if len(items) == 1 else [item.pixels for item in items]
         sizes = np.asarray([item.target_size_wh for item in items], np.int64)
         # All cores for this run only if nothing waits: under load, one core a run is faster.
+        assert self.batcher is not None
         out = self.engine.run(images, sizes, may_use_all_cores=self.batcher.queue_depth == 0)
         finished = time.perf_counter()
         return [_Row(out.labels[k], out.boxes[k], out.scores[k], started, finished, len(items))
@@ -223,10 +305,14 @@ class Detector:
 
     async def detect(self, data: bytes, params: DetectParams) -> DetectResult:
         started = time.perf_counter()
-        prepared = await self._prepare_in_pool(data, params.orientation)
-        del data  # a queued request holds its small tensor only, not its upload
-        queued = time.perf_counter()
-        row = await self.batcher.submit(prepared, self.settings.request_timeout_s)
+        place = self.runs.place()
+        try:
+            prepared = await self._prepare_in_pool(data, place, params.orientation)
+            del data  # a queued request holds its small tensor only, not its upload
+            queued = time.perf_counter()
+            row = await self.runs.submit(prepared, self.settings.request_timeout_s)
+        finally:
+            place.release()
         detections = select(
             row.labels, row.boxes, row.scores, prepared.width, prepared.height,
             self.engine.info.labels, params.score_threshold, params.max_detections,
@@ -246,10 +332,14 @@ class Detector:
         """One image through the engine, answered in the official layout (all its
         detections, boxes in original pixels, unclipped): from an upload, or from a tensor
         already preprocessed by the client."""
-        if prepared is None:
-            assert data is not None
-            prepared = await self._prepare_in_pool(data)
-        row = await self.batcher.submit(prepared, self.settings.request_timeout_s)
+        place = self.runs.place()
+        try:
+            if prepared is None:
+                assert data is not None
+                prepared = await self._prepare_in_pool(data, place)
+            row = await self.runs.submit(prepared, self.settings.request_timeout_s)
+        finally:
+            place.release()
         return Official(row.labels, original_boxes(row.boxes, prepared.letterbox), row.scores)
 
     def start_render(self) -> None:
@@ -284,9 +374,9 @@ class Detector:
         deadline = time.monotonic() + timeout_s
         while self._admitted and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        return await self.batcher.drain(max(0.0, deadline - time.monotonic()))
+        return await self.runs.drain(max(0.0, deadline - time.monotonic()))
 
     async def stop(self) -> None:
-        await self.batcher.stop()
+        await self.runs.stop()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self._render_pool.shutdown(wait=False, cancel_futures=True)

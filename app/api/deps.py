@@ -17,7 +17,7 @@ from app.errors import InvalidRequest, NotReady
 from app.metrics import Metrics
 from app.model_repository import MAX_VERSION
 from app.orientation import OrientationMode
-from app.registry import ModelRegistry
+from app.routing import Routing
 from app.service import Detector, DetectParams
 
 
@@ -27,7 +27,7 @@ class AppState:
 
     settings: Settings
     metrics: Metrics
-    registry: ModelRegistry
+    registry: Routing
     draining: bool = False
 
     @property
@@ -155,13 +155,21 @@ async def detect_params(
                     "stored: pixels as stored, as the official pipeline (default: setting "
                     "ORIENTATION, exif)")] = None,
 ) -> DetectParams:
-    # The model's own settings (its settings.json over the service's).
+    return params_for(detector, score_threshold, max_detections, classes, clip, dedupe_iou,
+                      orientation)
+
+
+def params_for(detector: Detector, score_threshold: float | None = None,
+               max_detections: int | None = None, classes: str | None = None,
+               clip: bool | None = None, dedupe_iou: float | None = None,
+               orientation: OrientationMode | None = None) -> DetectParams:
+    """A detection's parameters: the query's (validated already), else the model's own
+    settings (its settings.json over the service's)."""
     settings = detector.settings
-    names = detector.engine.info.labels
     return DetectParams(
         score_threshold=settings.score_threshold if score_threshold is None else score_threshold,
         max_detections=settings.max_detections if max_detections is None else max_detections,
-        class_ids=_class_ids(classes, names),
+        class_ids=_class_ids(classes, detector.engine.info.labels),
         clip=settings.clip_boxes if clip is None else clip,
         dedupe_iou=settings.dedupe_iou if dedupe_iou is None else dedupe_iou,
         orientation=orientation or settings.orientation,

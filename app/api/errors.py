@@ -41,16 +41,24 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "the request is invalid"
 
 
+def service_error_response(exc: ServiceError, metrics: Metrics, path: str) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, Unauthorized):  # RFC 9110: a 401 says which scheme it wants
+        headers["WWW-Authenticate"] = 'Bearer realm="dfine-serve"'
+    return error_response(exc.status, exc.code, exc.message, metrics, headers or None, path)
+
+
+def unexpected_error_response(exc: Exception, metrics: Metrics, path: str) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)  # the details go to the log only
+    return error_response(500, "internal", "internal error", metrics, path=path)
+
+
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        headers = {}
-        if isinstance(exc, Overloaded):
-            headers["Retry-After"] = str(exc.retry_after_s)
-        elif isinstance(exc, Unauthorized):  # RFC 9110: a 401 says which scheme it wants
-            headers["WWW-Authenticate"] = 'Bearer realm="dfine-serve"'
-        return error_response(exc.status, exc.code, exc.message, metrics, headers or None,
-                              request.url.path)
+        return service_error_response(exc, metrics, request.url.path)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -66,9 +74,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
                               request.url.path)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)  # the details go to the log only
-        return error_response(500, "internal", "internal error", metrics,
-                              path=request.url.path)
+        return unexpected_error_response(exc, metrics, request.url.path)
 
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)

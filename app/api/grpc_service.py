@@ -416,7 +416,9 @@ def grpc_options(settings: Any) -> list[tuple[str, Any]]:
         # Checked on the 5-byte length prefix: a larger message is refused before it is read.
         ("grpc.max_receive_message_length", message_limit(settings)),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ("grpc.so_reuseport", 0),
+        # FRONTENDS=N: every front end binds the port (the kernel spreads the connections);
+        # else a second server on the port fails to start rather than share it.
+        ("grpc.so_reuseport", 1 if settings.frontends > 1 else 0),
         # HTTP/2 MAX_CONCURRENT_STREAMS: more are refused with REFUSED_STREAM (clients wait).
         ("grpc.max_concurrent_streams", settings.grpc_max_streams_per_connection),
         # More connections are closed as they are accepted: HTTP keeps its descriptors.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -16,6 +17,7 @@ from app.api.deps import DetectorDep, ModelDep, ParamsDep, StateDep, require_api
 from app.api.errors import AUTH_ERRORS, DETECT_ERRORS, MODEL_LOOKUP, NOT_READY
 from app.api.uploads import read_image, read_images
 from app.errors import ClientClosed, ServiceError
+from app.http_protocol import ON_DISCONNECT
 from app.render import negotiate
 from app.schemas import (
     BatchingInfo,
@@ -83,21 +85,31 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it if the client disconnects first: a request whose client has
     gone is dropped from the queue before it runs.
 
-    One watcher task cancels this one; racing ``work`` in a task of its own costs a second task
-    and an ``asyncio.wait`` on every request.
+    The service's HTTP protocol (app.http_protocol) calls back on a disconnect; elsewhere one
+    watcher task reads ``receive`` and cancels this one. Racing ``work`` in a task of its own
+    would cost a second task and an ``asyncio.wait`` on every request.
     """
     this = asyncio.current_task()
     assert this is not None
     gone = False
 
-    async def watch() -> None:
+    def cancel() -> None:
         nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
         gone = True
         this.cancel()
 
-    watcher = asyncio.get_running_loop().create_task(watch())
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        cancel()
+
+    stop_watching: Callable[[], object]
+    on_disconnect = request.scope.get("extensions", {}).get(ON_DISCONNECT)
+    if on_disconnect is not None:
+        on_disconnect(cancel)
+        stop_watching = partial(on_disconnect, None)
+    else:
+        stop_watching = asyncio.get_running_loop().create_task(watch()).cancel
     try:
         return await work
     except asyncio.CancelledError:
@@ -106,7 +118,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         this.uncancel()
         raise ClientClosed() from None
     finally:
-        watcher.cancel()
+        stop_watching()
 
 
 def _result_body(detector: Detector, result: DetectResult) -> dict[str, Any]:
@@ -129,6 +141,11 @@ def _json(body: dict[str, Any]) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
+def result_json(detector: Detector, result: DetectResult) -> bytes:
+    """/detect's answer, serialized."""
+    return orjson.dumps(_result_body(detector, result))
+
+
 @router.post("/detect", response_model=DetectResponse, responses=DETECT_ERRORS,
                 openapi_extra=IMAGE_BODY, summary="Detect objects in one image")
 async def detect(request: Request, detector: DetectorDep, params: ParamsDep) -> Response:
@@ -140,7 +157,7 @@ async def detect(request: Request, detector: DetectorDep, params: ParamsDep) -> 
     upload = read_image(request, detector.settings)
     result = await until_disconnect(request, detector.detect(await upload, params))
     request.state.batch_size = result.batch_size  # for the access log
-    return _json(_result_body(detector, result))
+    return Response(result_json(detector, result), media_type="application/json")
 
 
 @router.post("/detect/batch", response_model=BatchResponse, responses=DETECT_ERRORS,

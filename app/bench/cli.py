@@ -3,7 +3,8 @@
 By default it starts each server itself on a free loopback port (the service with the given
 flags, the peer from app/bench/peer.py), sweeps concurrencies in a closed loop, interleaving the
 targets at each level so that a noisy machine drifts all of them alike, and writes JSON results
-and a PNG plot.
+and a PNG plot. With ``--wrk`` it drives the service with wrk instead and reports its CPU per
+request, per thread too (app/bench/wrk.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,14 @@ class Started:
 
 
 @contextlib.contextmanager
-def _server(command: list[str], port: int, ready_path: str, name: str, log_path: Path
-            ) -> Iterator[Started]:
-    """Start a server, its stdout and stderr written to ``log_path`` (a pipe nobody reads
-    would lose its warnings and, once full, block it), and wait until it is ready."""
+def _server(command: list[str], port: int, ready_path: str, name: str, log_path: Path,
+            env: Mapping[str, str] | None = None) -> Iterator[Started]:
+    """Start a server (in ``env``, else this process's environment), its stdout and stderr
+    written to ``log_path`` (a pipe nobody reads would lose its warnings and, once full, block
+    it), and wait until it is ready."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -277,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     p.add_argument("--service-args", default="",
                    help="flags for the service the bench starts, e.g. '--instances 2'")
-    p.add_argument("--concurrency", default="1,8,32", help="closed-loop sweep, comma list")
+    p.add_argument("--concurrency", help="closed-loop sweep, comma list (default: 1,8,32; "
+                                         "with --wrk: 64)")
     p.add_argument("--rate", type=float, action="append", default=[],
                    help="also an open loop at this many requests/s (Poisson); repeatable")
     p.add_argument("--duration-s", type=float, default=10.0, help="per measurement")
@@ -313,6 +316,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-address", help="with --url: the service's gRPC host:port "
                                           "(default: its host, port 8001)")
     p.add_argument("--api-key", help="sent as X-API-Key")
+    wrk = p.add_argument_group(
+        "wrk mode", "--wrk drives the service with wrk (a C client) instead, and reports req/s "
+        "and the service's CPU per request, per thread too, over every process of it (/proc); "
+        "the flags for the other targets (peer, ceilings, --rate, --overload, --protocol) do "
+        "not apply. Writes wrk.json in --out")
+    wrk.add_argument("--wrk", action="store_true",
+                     help="measure with wrk; with --front-end the service runs with its instant "
+                          "engine only, else with the model")
+    wrk.add_argument("--wrk-requests", default="tiny,photo",
+                     help="comma list of tiny (a 64x48 JPEG), photo (a WIDTHxHEIGHT JPEG) and "
+                          "multipart (the photo as the multipart part 'image')")
+    wrk.add_argument("--wrk-threads", type=int, default=0,
+                     help="wrk's threads; 0: a quarter of the cores, 1 to 4")
+    wrk.add_argument("--wrk-warmup-s", type=float, default=2.0,
+                     help="wrk before each measured run, not counted (whole seconds)")
+    wrk.add_argument("--compare", action="append", default=[], metavar="'NAME=VALUE ...'",
+                     help="a service configuration to measure, as its environment (a "
+                          "setting's name gets its DFINE_ prefix: 'FRONTENDS=2'); repeatable, "
+                          "each one a target, interleaved round by round")
+    wrk.add_argument("--pid", type=int,
+                     help="with --url: the running service's PID, whose processes and threads "
+                          "are measured")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     return p
 
@@ -388,6 +413,12 @@ def _protocol_clients(args: argparse.Namespace, service: Started, bodies: list[b
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.concurrency = args.concurrency or ("64" if args.wrk else "1,8,32")
+    if args.wrk:
+        from app.bench.wrk import main as wrk_main  # it imports this module
+
+        wrk_main(args)
+        return
     protocols = _protocols(args)
     bodies = (folder_images(args.images, args.count) if args.images
               else synthetic_jpegs(args.count, args.width, args.height))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections import Counter
@@ -72,9 +73,21 @@ def summarize(target: str, mode: str, load: float, samples: list[Sample], durati
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and of every process under it (with FRONTENDS
+    > 1 the service is a supervisor and its children), all their threads (Linux /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        process = todo.pop()
+        try:
+            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+            tasks = list(Path(f"/proc/{process}/task").iterdir())
+        except OSError:  # gone meanwhile
+            continue
+        total += int(fields[11]) + int(fields[12])
+        for task in tasks:
+            with contextlib.suppress(OSError):
+                todo += [int(child) for child in (task / "children").read_text().split()]
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _labels(text: str) -> set[str]:

@@ -23,6 +23,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from app.threads import name_os_thread
+
 Device = Literal["cpu", "cuda"]
 Rows = npt.NDArray[Any] | Sequence[npt.NDArray[Any]]  # (n, ...) or n arrays of (...)
 T = TypeVar("T")
@@ -68,7 +70,8 @@ class BucketRunner:
         self.output_names = [spec.name for spec in outputs]
         # One thread, so one run at a time (the buffers are shared) and every run on the
         # thread that captured the graph.
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"bucket{size}")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"bucket{size}",
+                                          initializer=name_os_thread)
         self._staging: dict[str, npt.NDArray[Any]] = {}
         self._device_inputs: dict[str, ort.OrtValue] = {}
         self._outputs: dict[str, ort.OrtValue] = {}

@@ -10,6 +10,8 @@
 #                                              # vs fp16                              (~4 min)
 #     bash docs/performance/gpu-check.sh l     # D-FINE-L 640, random weights: fp32 and fp16
 #                                              # with the engine ceiling         (~5-7 min)
+#     bash docs/performance/gpu-check.sh f     # FRONTENDS auto against 1: shipped D-FINE-N
+#                                              # on the GPU and the front end alone (~4 min)
 # Device time: start ~30 s, set-up part 1 ~20 s, part 2 + preflight ~60 s, n <= 250 s, l <= 420
 # s: under 13 minutes if every step runs to its limit, which leaves room to rerun preflight.
 # Each part stops itself (`timeout`) well inside its call's limit, writes at most 8 files
@@ -19,7 +21,7 @@
 # (part l there with L_VARIANT=n L_SIZE=320; EXTRA_ARGS="--batch-buckets 1,2,4
 # --max-batch-size 4" runs the bucket path there too). EXTRA_ARGS goes to every service.
 set -uo pipefail
-PART=${1:?which part: preflight, n or l}
+PART=${1:?which part: preflight, n, l or f}
 OUT=${OUT:-build/gpu-check}
 PROVIDERS=${PROVIDERS:-cuda}
 DURATION=${DURATION:-5}
@@ -76,7 +78,18 @@ l)
       --service-args "--providers $PROVIDERS --precision $precision $EXTRA_ARGS" --out "$OUT/l-$precision"
   done
   ;;
-*) echo "unknown part $PART: preflight, n or l"; exit 2 ;;
+f)
+  # Issue 26: FRONTENDS auto (one front end per 4 cores, 2 to 8, and one engine process)
+  # against one process, the shipped model on the GPU and with the engine taken out, at c=16
+  # and 64 (the bench's CPU per request covers every process of the service).
+  for frontends in 1 0; do
+    log "bench: shipped D-FINE-N 320 on $PROVIDERS, FRONTENDS=$frontends (0: auto)"
+    step 110 "${BENCH[@]}" --concurrency 16,64 --no-peer --no-engine-ceiling --front-end \
+      --service-args "--providers $PROVIDERS --frontends $frontends $EXTRA_ARGS" \
+      --out "$OUT/f-$frontends"
+  done
+  ;;
+*) echo "unknown part $PART: preflight, n, l or f"; exit 2 ;;
 esac
 log "targets"
 "$PY" docs/performance/gpu_targets.py "$OUT" "$PART" 2>&1 | tee -a "$LOG"

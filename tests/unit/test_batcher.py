@@ -165,6 +165,38 @@ async def test_cancelled_request_is_dropped_before_it_runs() -> None:
     await batcher.stop()
 
 
+@pytest.mark.parametrize("hold", [False, True])
+async def test_a_cancelled_request_whose_run_started_ends_after_it_only_if_held(
+        hold: bool) -> None:
+    """The engine process answers a run whose client left only once its batch no longer reads
+    the image's shared-memory slot (``hold_while_running``); a request in one process ends at
+    once."""
+    engine = StubEngine()
+    engine.release.clear()
+    batcher = make(engine, max_batch_size=1)
+    events: list[str] = []
+
+    async def submit() -> None:
+        try:
+            await batcher.submit(0, timeout_s=5, hold_while_running=hold)
+        except asyncio.CancelledError:
+            events.append("cancel returned")
+            raise
+
+    task = asyncio.ensure_future(submit())
+    await wait_until_async(lambda: engine.batches, 10, "the run started")
+    task.cancel()
+    for _ in range(10):  # loop turns, not time: a cancel takes one or two
+        await asyncio.sleep(0)
+    assert events == ([] if hold else ["cancel returned"])
+    engine.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert events == ["cancel returned"]
+    await wait_until_async(lambda: engine.concurrent == 0, 10, "the run over")
+    await batcher.stop()
+
+
 async def test_engine_failure_fails_only_its_batch() -> None:
     engine = StubEngine(delay_s=0.02, fail_on=3)
     batcher = make(engine, max_batch_size=2, max_delay_s=0.0)

@@ -125,3 +125,20 @@ def test_the_eval_progress_bar_counts_images(capsys: pytest.CaptureFixture[str])
     for _ in range(3):
         bar(1)
     assert "3/3 images" in capsys.readouterr().err
+
+
+def test_frontends_auto_is_one_process_on_a_cpu_and_several_on_a_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    from app.cli import resolve_frontends
+
+    assert resolve_frontends(Settings(frontends=3)) == 3
+    assert resolve_frontends(Settings(providers="cpu")) == 1
+    # A GPU build, faked where onnxruntime is asked what it offers (this machine has none).
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [prov.CUDA, prov.CPU])
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert resolve_frontends(Settings()) == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert resolve_frontends(Settings()) == 2
+    assert resolve_frontends(Settings(providers="cpu")) == 1

@@ -1,0 +1,150 @@
+"""What crosses between a front end and the engine process: small messages, pickled by
+app.link.channel (both ends are this service's own processes, on a socket in a private
+directory). Image tensors never travel here: a ``Run`` names the slot that holds one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from app.config import Settings
+from app.engine.model import ModelInfo
+from app.engine.sessions import Parallelism
+from app.errors import ServiceError
+from app.routing import VersionStatus
+
+# --- front end -> engine ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    frontend: int  # its index, 0..FRONTENDS-1
+    pid: int
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A slot pool for one model version; its memfd rides with this message."""
+
+    pool: int
+    shape: tuple[int, ...]
+    count: int
+
+
+@dataclass(frozen=True)
+class PoolClosed:
+    pool: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """One image, in slot ``slot`` of pool ``pool``, for version ``version`` of ``name``."""
+
+    id: int
+    name: str
+    version: int
+    pool: int
+    slot: int
+    width: int
+    height: int
+    target_size_wh: tuple[int, int]
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The client of run ``id`` has gone: drop it if its batch has not started."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class Control:
+    id: int
+    action: Literal["load", "unload"]
+    name: str
+
+
+@dataclass(frozen=True)
+class StateSeen:
+    seq: int
+
+
+# --- engine -> front end ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VersionView:
+    """What a front end needs of a loaded version to admit, decode and answer for it."""
+
+    name: str
+    version: int
+    info: ModelInfo
+    settings: Settings  # the version's own (its settings.json over the service's)
+    parallel: Parallelism
+    buckets: tuple[int, ...]
+    report: dict[str, Any]
+    max_admitted: int  # images each front end may admit for it at once
+
+
+@dataclass(frozen=True)
+class State:
+    """The engine's models, sent whenever they change (``seq`` counts the changes)."""
+
+    seq: int
+    versions: tuple[VersionView, ...]
+    index: tuple[VersionStatus, ...]
+    known: frozenset[str]  # names in the repository or loaded
+    loading: frozenset[str]  # names with a version loading
+    started: bool
+    ready: bool
+    hung: bool
+    failure: str | None
+    memory_bound_bytes: int  # the engine process's share
+
+
+@dataclass(frozen=True)
+class Result:
+    """Run ``id``'s detections in the official layout (k candidates), as raw arrays."""
+
+    id: int
+    labels: bytes  # int64 (k,)
+    boxes: bytes  # float32 (k, 4)
+    scores: bytes  # float32 (k,)
+    run_started: float  # time.perf_counter() (CLOCK_MONOTONIC: the same in every process)
+    run_finished: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Run or control call ``id`` failed with a service error (its class by name)."""
+
+    id: int
+    error: str
+    message: str
+    retry_after_s: int = 1
+
+
+@dataclass(frozen=True)
+class Done:
+    """Control call ``id`` is done, and every front end has seen its change."""
+
+    id: int
+
+
+def failed(id: int, exc: ServiceError) -> Failed:
+    return Failed(id, type(exc).__name__, exc.message, getattr(exc, "retry_after_s", 1))
+
+
+def error_of(message: Failed) -> ServiceError:
+    """The service error a ``Failed`` stands for (an unknown name: an internal error)."""
+    import app.errors as errors
+
+    kind = getattr(errors, message.error, None)
+    if not (isinstance(kind, type) and issubclass(kind, ServiceError)):
+        return errors.EngineFailure(message.message)
+    exc = kind(message.message)
+    if isinstance(exc, errors.Overloaded):
+        exc.retry_after_s = message.retry_after_s
+    return exc

@@ -1,0 +1,337 @@
+"""FRONTENDS=2: two front-end processes and one engine process, for real (``python -m app
+--frontends 2`` with the shipped model on the CPU), driven over real sockets. Each test reaches
+a chosen front end by keeping a connection open to the shared port and finding, through /proc,
+which process holds its other end."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.bench.stats import metric_value
+from tests.helpers import DEFAULT_MODEL, Server, encode, render_scene, run_server, wait_until
+
+JPEG = {"Content-Type": "image/jpeg"}
+IMAGE = encode(render_scene(3)[0])
+
+
+# --- the processes ------------------------------------------------------------------------
+
+
+def children(pid: int) -> dict[int, str]:
+    """The supervisor's children and their roles (engine, frontend)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            roles = [e.split(b"=", 1)[1].decode() for e in environ
+                     if e.startswith(b"DFINE_ROLE=")]
+            if roles:
+                found[int(child)] = roles[0]
+    return found
+
+
+def engine_pid(server: Server) -> int:
+    return wait_until(lambda: next((p for p, r in children(server.process.pid).items()
+                                    if r == "engine"), None), 30, "the engine process")
+
+
+def frontend_pids(server: Server) -> set[int]:
+    return {p for p, r in children(server.process.pid).items() if r == "frontend"}
+
+
+def _socket_inode(local_port: int, server_port: int) -> str | None:
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if (int(local.split(":")[1], 16) == server_port
+                and int(remote.split(":")[1], 16) == local_port):
+            return inode
+    return None
+
+
+def owner(connection: http.client.HTTPConnection, pids: set[int]) -> int | None:
+    """The process (of ``pids``) holding the server's end of ``connection``."""
+    assert connection.sock is not None
+    inode = _socket_inode(connection.sock.getsockname()[1], connection.port)
+    for pid in pids:
+        with_fds = Path(f"/proc/{pid}/fd")
+        try:
+            links = [os.readlink(fd) for fd in with_fds.iterdir()]
+        except OSError:
+            continue
+        if f"socket:[{inode}]" in links:
+            return pid
+    return None
+
+
+def connections_to_each(server: Server, pids: set[int]) -> dict[int, http.client.HTTPConnection]:
+    """One kept-alive connection to each front end of ``pids`` (opened until each has one)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    found: dict[int, http.client.HTTPConnection] = {}
+    spare: list[http.client.HTTPConnection] = []
+    deadline = time.monotonic() + 30
+    while set(found) != pids:
+        assert time.monotonic() < deadline, f"no connection reached {pids - set(found)}"
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("GET", "/healthz")  # accepted and answered: the owner is known
+        connection.getresponse().read()
+        pid = owner(connection, pids)
+        if pid is not None and pid not in found:
+            found[pid] = connection
+        else:
+            spare.append(connection)
+    for connection in spare:
+        connection.close()
+    return found
+
+
+def ask(connection: http.client.HTTPConnection, method: str, path: str, body: bytes = b"",
+        headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    connection.request(method, path, body=body, headers=headers or {})
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+# --- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(tmp_path_factory.mktemp("frontends"), "--frontends", "2",
+                    "--max-batch-size", "8", "--log-level", "info",
+                    ready_timeout_s=120) as server:
+        yield server
+
+
+# --- tests --------------------------------------------------------------------------------
+
+
+def test_both_front_ends_answer_and_the_metrics_are_one_view(service: Server) -> None:
+    pids = frontend_pids(service)
+    assert len(pids) == 2
+    connections = connections_to_each(service, pids)
+    before = {pid: ask(c, "GET", "/metrics")[1].decode() for pid, c in connections.items()}
+    per_connection = 6
+
+    def send(connection: http.client.HTTPConnection, statuses: list[int]) -> None:
+        for _ in range(per_connection):
+            statuses.append(ask(connection, "POST", "/detect", IMAGE, JPEG)[0])
+
+    statuses: list[int] = []
+    threads = [threading.Thread(target=send, args=(c, statuses)) for c in connections.values()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * (2 * per_connection)
+    selector = 'dfine_requests_total{endpoint="/detect",status="200"}'
+    for pid, connection in connections.items():  # each front end shows the whole service
+        after = ask(connection, "GET", "/metrics")[1].decode()
+        assert metric_value(after, selector) - metric_value(before[pid], selector) \
+            == 2 * per_connection
+        assert metric_value(after, "dfine_images_total") \
+            - metric_value(before[pid], "dfine_images_total") == 2 * per_connection
+    rss = sum(int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGESIZE")
+              for p in [service.process.pid, *children(service.process.pid)])
+    assert metric_value(after, "process_resident_memory_bytes") >= 0.8 * rss
+
+
+def test_the_service_memory_bound_is_stated_once_for_every_process(service: Server) -> None:
+    lines = [line for line in service.log().splitlines()
+             if "across the service: 2 front ends" in line]
+    assert lines, service.log()[-3000:]
+
+
+def test_batches_are_formed_from_both_front_ends_images(service: Server) -> None:
+    connections = list(connections_to_each(service, frontend_pids(service)).values())
+    port = connections[0].port
+    before = ask(connections[0], "GET", "/metrics")[1].decode()
+    clients = [http.client.HTTPConnection("127.0.0.1", port, timeout=60) for _ in range(24)]
+    statuses: list[int] = []
+
+    def send(connection: http.client.HTTPConnection) -> None:
+        for _ in range(4):
+            statuses.append(ask(connection, "POST", "/detect", IMAGE, JPEG)[0])
+
+    threads = [threading.Thread(target=send, args=(c,)) for c in [*connections, *clients]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(statuses) == {200}
+    after = ask(connections[0], "GET", "/metrics")[1].decode()
+    images = metric_value(after, "dfine_images_total") - metric_value(before, "dfine_images_total")
+    runs = (metric_value(after, "dfine_batch_size_count")
+            - metric_value(before, "dfine_batch_size_count"))
+    assert images == len(statuses)
+    assert images / runs > 1, (images, runs)
+
+
+def test_a_version_loaded_or_unloaded_is_seen_by_every_front_end_at_once(
+        tmp_path: Path) -> None:
+    root = tmp_path / "repository"
+    for name in ("shapes", "extra"):
+        (root / name / "1").mkdir(parents=True)
+        os.link(DEFAULT_MODEL, root / name / "1" / "model.onnx")
+    with run_server(tmp_path, "--frontends", "2", "--model-repository", str(root),
+                    "--model-control", "explicit", "--default-model", "shapes",
+                    ready_timeout_s=120) as server:
+        connections = connections_to_each(server, frontend_pids(server))
+        first, second = connections.values()
+        assert ask(second, "GET", "/v2/models/extra/ready")[0] == 200
+        status, body = ask(first, "POST", "/v2/repository/models/extra/unload")
+        assert status == 200, body
+        assert ask(second, "GET", "/v2/models/extra/ready")[0] != 200  # no wait: at once
+        assert ask(second, "POST", "/detect?model=extra", IMAGE, JPEG)[0] == 404
+        status, body = ask(second, "POST", "/v2/repository/models/extra/load")
+        assert status == 200, body
+        assert ask(first, "GET", "/v2/models/extra/ready")[0] == 200
+        status, body = ask(first, "POST", "/detect?model=extra", IMAGE, JPEG)
+        assert status == 200, body
+
+
+def test_a_front_end_that_dies_is_replaced_and_leaves_no_slot_behind(service: Server) -> None:
+    engine = engine_pid(service)
+    connections = connections_to_each(service, frontend_pids(service))
+    victim, survivor = connections
+    pools = {os.stat(f"/proc/{victim}/fd/{fd}").st_ino
+             for fd in os.listdir(f"/proc/{victim}/fd")
+             if os.readlink(f"/proc/{victim}/fd/{fd}").startswith("/memfd:dfine-")}
+    assert pools
+
+    def mapped_by_engine() -> set[int]:
+        inodes = set()
+        for line in Path(f"/proc/{engine}/maps").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith("/memfd:dfine-"):
+                inodes.add(int(fields[4]))
+        return inodes
+
+    assert pools <= mapped_by_engine()
+    statuses: list[int | str] = []
+
+    def busy() -> None:  # requests in flight on the victim when it dies
+        connection = connections[victim]
+        with_error = False
+        while not with_error:
+            try:
+                statuses.append(ask(connection, "POST", "/detect", IMAGE, JPEG)[0])
+            except (OSError, http.client.HTTPException):
+                with_error = True
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    wait_until(lambda: len(statuses) >= 2, 30, "requests answered by the victim")
+    os.kill(victim, signal.SIGKILL)
+    thread.join(30)
+    wait_until(lambda: len(frontend_pids(service) - {victim}) == 2, 60, "a new front end")
+    wait_until(lambda: not pools & mapped_by_engine(), 30,
+               "the engine letting go of the dead front end's slots")
+    assert ask(connections[survivor], "POST", "/detect", IMAGE, JPEG)[0] == 200
+    text = ask(connections[survivor], "GET", "/metrics")[1].decode()
+    assert metric_value(text, "dfine_queue_depth") == 0
+
+
+def test_while_the_engine_process_is_away_every_front_end_answers_503(service: Server) -> None:
+    engine = engine_pid(service)
+    connections = connections_to_each(service, frontend_pids(service))
+    os.kill(engine, signal.SIGKILL)
+    for connection in connections.values():
+        wait_until(lambda c=connection: ask(c, "GET", "/readyz")[0] == 503, 30,
+                   "readiness to fail")
+    # Before it is back: detections are refused, not lost or hung.
+    restarted = wait_until(lambda: next((p for p, r in children(service.process.pid).items()
+                                         if r == "engine" and p != engine), None), 60,
+                           "a new engine process")
+    for connection in connections.values():
+        status, body = ask(connection, "POST", "/detect", IMAGE, JPEG)
+        assert status in (200, 503), body
+        if status == 503:
+            assert json.loads(body)["error"]["code"] == "not_ready"
+    for connection in connections.values():
+        wait_until(lambda c=connection: ask(c, "GET", "/readyz")[0] == 200, 120,
+                   "readiness again")
+        assert ask(connection, "POST", "/detect", IMAGE, JPEG)[0] == 200
+    assert restarted != engine
+
+
+def test_sigterm_drains_every_process_without_losing_an_admitted_request(
+        tmp_path: Path) -> None:
+    with run_server(tmp_path, "--frontends", "2", "--instances", "1", "--max-batch-size", "1",
+                    ready_timeout_s=120) as server:
+        connections = connections_to_each(server, frontend_pids(server))
+        port = next(iter(connections.values())).port
+        clients = [*connections.values(),
+                   *(http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                     for _ in range(22))]
+        results: list[int | str] = []
+
+        def send(connection: http.client.HTTPConnection) -> None:
+            try:
+                results.append(ask(connection, "POST", "/detect", IMAGE, JPEG)[0])
+            except (OSError, http.client.HTTPException) as exc:
+                results.append(repr(exc))
+
+        threads = [threading.Thread(target=send, args=(c,)) for c in clients]
+        for thread in threads:
+            thread.start()
+        # Queued in the engine process (one image a run): admitted, and not done yet.
+        probe = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        wait_until(lambda: metric_value(ask(probe, "GET", "/metrics")[1].decode(),
+                                        "dfine_queue_depth") >= 8, 60, "a queue")
+        server.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(60)
+        assert server.process.wait(60) == 0
+        assert all(status == 200 for status in results), results
+        log = server.log()
+        assert log.index("front end") < log.rindex("engine process stopping"), log[-3000:]
+
+
+def test_grpc_is_served_by_every_front_end_on_one_port_and_answers_as_the_model_does(
+        tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+    import tritonclient.grpc as tgrpc
+
+    from app.bench.cli import free_port
+
+    port = free_port()
+    with run_server(tmp_path, "--frontends", "2", "--grpc-port", str(port),
+                    ready_timeout_s=120) as server:
+        def listeners() -> int:
+            lines = [line.split() for table in ("tcp", "tcp6")  # gRPC's may be IPv6-mapped
+                     for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]]
+            return len([f for f in lines if int(f[1].rsplit(":", 1)[1], 16) == port
+                        and f[3] == "0A"])
+
+        # One listening socket a front end (SO_REUSEPORT); the second may start a little later.
+        wait_until(lambda: listeners() == 2, 60, "both front ends listening for gRPC")
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.is_server_ready()
+        # A tensor the client preprocessed crosses to the engine in a slot, unchanged.
+        pixels = np.random.default_rng(0).random((1, 3, 320, 320), dtype=np.float32)
+        sizes = np.asarray([[640, 480]], np.int64)
+        images = tgrpc.InferInput("images", list(pixels.shape), "FP32")
+        images.set_data_from_numpy(pixels)
+        target = tgrpc.InferInput("orig_target_sizes", [1, 2], "INT64")
+        target.set_data_from_numpy(sizes)
+        got = client.infer(DEFAULT_MODEL.stem, [images, target])
+        session = ort.InferenceSession(str(DEFAULT_MODEL), providers=["CPUExecutionProvider"])
+        labels, boxes, scores = session.run(None, {"images": pixels, "orig_target_sizes": sizes})
+        assert (got.as_numpy("labels")[:, :10] == labels[:, :10]).all()
+        np.testing.assert_allclose(got.as_numpy("scores"), scores, atol=1e-4)
+        np.testing.assert_allclose(got.as_numpy("boxes"), boxes, atol=1e-2)
+        assert server.process.poll() is None
