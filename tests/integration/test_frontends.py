@@ -5,6 +5,7 @@ which process holds its other end."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -61,17 +62,22 @@ def _socket_inode(local_port: int, server_port: int) -> str | None:
     return None
 
 
+def open_files(pid: int) -> dict[Path, str]:
+    """A process's descriptors and what each points to (one closed meanwhile is left out)."""
+    found = {}
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                found[fd] = os.readlink(fd)
+    return found
+
+
 def owner(connection: http.client.HTTPConnection, pids: set[int]) -> int | None:
     """The process (of ``pids``) holding the server's end of ``connection``."""
     assert connection.sock is not None
     inode = _socket_inode(connection.sock.getsockname()[1], connection.port)
     for pid in pids:
-        with_fds = Path(f"/proc/{pid}/fd")
-        try:
-            links = [os.readlink(fd) for fd in with_fds.iterdir()]
-        except OSError:
-            continue
-        if f"socket:[{inode}]" in links:
+        if f"socket:[{inode}]" in open_files(pid).values():
             return pid
     return None
 
@@ -206,9 +212,8 @@ def test_a_front_end_that_dies_is_replaced_and_leaves_no_slot_behind(service: Se
     engine = engine_pid(service)
     connections = connections_to_each(service, frontend_pids(service))
     victim, survivor = connections
-    pools = {os.stat(f"/proc/{victim}/fd/{fd}").st_ino
-             for fd in os.listdir(f"/proc/{victim}/fd")
-             if os.readlink(f"/proc/{victim}/fd/{fd}").startswith("/memfd:dfine-")}
+    pools = {fd.stat().st_ino for fd, target in open_files(victim).items()
+             if target.startswith("/memfd:dfine-")}
     assert pools
 
     def mapped_by_engine() -> set[int]:
@@ -248,9 +253,8 @@ def test_while_the_engine_process_is_away_every_front_end_answers_503(service: S
     engine = engine_pid(service)
     connections = connections_to_each(service, frontend_pids(service))
     os.kill(engine, signal.SIGKILL)
-    for connection in connections.values():
-        wait_until(lambda c=connection: ask(c, "GET", "/readyz")[0] == 503, 30,
-                   "readiness to fail")
+    wait_until(lambda: all([ask(c, "GET", "/readyz")[0] == 503 for c in connections.values()]),
+               30, "readiness to fail")
     # Before it is back: detections are refused, not lost or hung.
     restarted = wait_until(lambda: next((p for p, r in children(service.process.pid).items()
                                          if r == "engine" and p != engine), None), 60,
@@ -260,9 +264,10 @@ def test_while_the_engine_process_is_away_every_front_end_answers_503(service: S
         assert status in (200, 503), body
         if status == 503:
             assert json.loads(body)["error"]["code"] == "not_ready"
+    # Every connection asked at each try: none idles past uvicorn's keep-alive (5 s).
+    wait_until(lambda: all([ask(c, "GET", "/readyz")[0] == 200 for c in connections.values()]),
+               120, "readiness again")
     for connection in connections.values():
-        wait_until(lambda c=connection: ask(c, "GET", "/readyz")[0] == 200, 120,
-                   "readiness again")
         assert ask(connection, "POST", "/detect", IMAGE, JPEG)[0] == 200
     assert restarted != engine
 
