@@ -18,17 +18,20 @@ import os
 import signal
 import socket
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from app.config import Settings
 from app.engine.engine import OnnxEngine
-from app.errors import ClientClosed, EngineFailure, ServiceError
+from app.errors import ClientClosed, EngineFailure, NotReady, ServiceError
 from app.imaging import PreparedImage
 from app.link.channel import Channel, ChannelClosed
 from app.link.messages import (
     Cancel,
     Control,
     Done,
+    Failed,
     Hello,
     Pool,
     PoolClosed,
@@ -42,6 +45,7 @@ from app.link.messages import (
 from app.link.slots import SlotPool
 from app.metrics import Metrics
 from app.registry import ModelRegistry
+from app.service import Detector
 
 log = logging.getLogger("dfine.engine")
 
@@ -55,14 +59,22 @@ def socket_path() -> Path:
     return Path(os.environ[RUNTIME_DIR_ENV]) / SOCKET_NAME
 
 
+@dataclass
+class _BoundPool:
+    """A front end's pool and the loaded version its images run on (None: gone already)."""
+
+    slots: SlotPool
+    detector: Detector | None
+
+
 class FrontendSession:
     """One front end's connection: its pools and its runs in flight."""
 
     def __init__(self, host: EngineHost, channel: Channel) -> None:
         self.host, self.channel = host, channel
         self.name = "front end ?"
-        self.pools: dict[int, SlotPool] = {}
-        self.runs: dict[int, asyncio.Task[None]] = {}
+        self.pools: dict[int, _BoundPool] = {}
+        self.runs: dict[int, asyncio.Task[Result | Failed]] = {}
         self.seen = -1  # the last State it acknowledged
         self.task: asyncio.Task[None] | None = None
 
@@ -70,7 +82,10 @@ class FrontendSession:
         try:
             while True:
                 message, fds = await self.channel.receive()
-                self._handle(message, fds)
+                try:
+                    self._handle(message, fds)
+                except Exception:  # one bad message must not end the front end's session
+                    log.exception("%s: cannot handle %s", self.name, type(message).__name__)
         except ChannelClosed:
             pass
         finally:
@@ -78,20 +93,22 @@ class FrontendSession:
 
     def _handle(self, message: object, fds: list[int]) -> None:
         if isinstance(message, Run):
-            self.runs[message.id] = asyncio.get_running_loop().create_task(self._run(message))
+            task = asyncio.get_running_loop().create_task(self._run(message))
+            self.runs[message.id] = task
+            # Answered from the task's end, not its body: a task cancelled before it starts
+            # (its Cancel read with its Run) runs none of its body.
+            task.add_done_callback(partial(self._answer, message.id))
         elif isinstance(message, Cancel):
-            task = self.runs.get(message.id)
-            if task is not None:
-                task.cancel()
+            running = self.runs.get(message.id)
+            if running is not None:
+                running.cancel()
         elif isinstance(message, StateSeen):
             self.seen = message.seq
             self.host.acked()
         elif isinstance(message, Pool):
-            self.pools[message.pool] = SlotPool.attach(fds.pop(0), message.shape, message.count)
+            self._bind(message, fds.pop(0))
         elif isinstance(message, PoolClosed):
-            pool = self.pools.pop(message.pool, None)
-            if pool is not None:
-                pool.close()
+            self._unbind(message.pool)
         elif isinstance(message, Control):
             asyncio.get_running_loop().create_task(self.host.control(self, message))
         elif isinstance(message, Hello):
@@ -101,32 +118,47 @@ class FrontendSession:
         for fd in fds:  # none expected: never leak one
             os.close(fd)
 
-    async def _run(self, message: Run) -> None:
+    def _bind(self, message: Pool, fd: int) -> None:
+        """A pool for a loaded version; that version is kept open (pinned) until the pool is
+        closed, so that the front end's requests admitted on it finish on it."""
+        detector = next((d for d in self.host.registry.detectors()
+                         if d.serial == message.detector), None)
+        if detector is not None:
+            detector.pin()
+        self.pools[message.pool] = _BoundPool(
+            SlotPool.attach(fd, message.shape, message.count), detector)
+
+    def _unbind(self, pool_id: int) -> None:
+        pool = self.pools.pop(pool_id, None)
+        if pool is not None:
+            pool.slots.close()
+            if pool.detector is not None:
+                pool.detector.unpin()
+
+    async def _run(self, message: Run) -> Result | Failed:
+        pool = self.pools.get(message.pool)
+        if pool is None or pool.detector is None or pool.detector.batcher is None:
+            # A pool of the engine process that died before this one, or of a version gone.
+            return failed(message.id, NotReady("the model version is not loaded any more"))
+        image = PreparedImage(pool.slots.view(message.slot), message.width, message.height,
+                              message.target_size_wh)
         try:
-            detector = self.host.registry.resolve(message.name, message.version)
-            pool = self.pools[message.pool]
-            image = PreparedImage(pool.view(message.slot), message.width, message.height,
-                                  message.target_size_wh)
-            assert detector.batcher is not None
-            row = await detector.batcher.submit(image, message.timeout_s,
-                                                hold_while_running=True)
-            del image  # the slot's view: the front end may write it again once answered
-            self.channel.send(Result(message.id, row.labels.tobytes(), row.boxes.tobytes(),
-                                     row.scores.tobytes(), row.run_started, row.run_finished,
-                                     row.batch_size))
+            row = await pool.detector.batcher.submit(image, message.timeout_s,
+                                                     hold_while_running=True)
         except ServiceError as exc:
-            self._answer_failed(message.id, exc)
-        except asyncio.CancelledError:
-            self._answer_failed(message.id, ClientClosed())
+            return failed(message.id, exc)
         except Exception:
             log.exception("run %d of %s failed", message.id, self.name)
-            self._answer_failed(message.id, EngineFailure())
-        finally:
-            self.runs.pop(message.id, None)
+            return failed(message.id, EngineFailure())
+        return Result(message.id, row.labels.tobytes(), row.boxes.tobytes(),
+                      row.scores.tobytes(), row.run_started, row.run_finished, row.batch_size)
 
-    def _answer_failed(self, id: int, exc: ServiceError) -> None:
+    def _answer(self, id: int, task: asyncio.Task[Result | Failed]) -> None:
+        """Every run is answered once, when it no longer reads its slot."""
+        self.runs.pop(id, None)
+        answer = failed(id, ClientClosed()) if task.cancelled() else task.result()
         with contextlib.suppress(ChannelClosed):
-            self.channel.send(failed(id, exc))
+            self.channel.send(answer)
 
     async def _close(self) -> None:
         """The front end has gone (or the engine stops): its queued runs are dropped, its
@@ -135,9 +167,8 @@ class FrontendSession:
         for task in list(self.runs.values()):
             task.cancel()
         await asyncio.gather(*self.runs.values(), return_exceptions=True)
-        for pool in self.pools.values():
-            pool.close()
-        self.pools.clear()
+        for pool_id in list(self.pools):
+            self._unbind(pool_id)
         self.channel.close()
         self.host.acked()
         log.info("%s disconnected", self.name)
@@ -159,7 +190,7 @@ class EngineHost:
 
     def _signature(self) -> object:
         registry = self.registry
-        return (tuple((d.name, d.version, id(d)) for d in registry.detectors()),
+        return (tuple((d.name, d.version, d.serial) for d in registry.detectors()),
                 tuple(registry.index()), registry.started, registry.ready, registry.hung,
                 registry.failure, registry.accepting)
 
@@ -167,8 +198,9 @@ class EngineHost:
         registry = self.registry
         index = tuple(registry.index())
         versions = tuple(
-            VersionView(d.name, d.version, d.engine.info, d.settings, d.engine.parallel,
-                        tuple(d.engine.buckets or ()), d.engine.report(), d.max_admitted)
+            VersionView(d.name, d.version, d.serial, d.engine.info, d.settings,
+                        d.engine.parallel, tuple(d.engine.buckets or ()), d.engine.report(),
+                        d.max_admitted)
             for d in registry.detectors())
         return State(
             self._seq, versions, index,
@@ -234,11 +266,14 @@ class EngineHost:
             else:
                 await self.registry.unload(message.name)
         except ServiceError as exc:
-            session.channel.send(failed(message.id, exc))
+            with contextlib.suppress(ChannelClosed):
+                session.channel.send(failed(message.id, exc))
             return
         except Exception:
             log.exception("%s of %s failed", message.action, message.name)
-            session.channel.send(failed(message.id, EngineFailure(f"{message.action} failed")))
+            with contextlib.suppress(ChannelClosed):
+                session.channel.send(failed(message.id, EngineFailure(f"{message.action} "
+                                                                      "failed")))
             return
         await self._all_seen(self.broadcast(force=True))
         with contextlib.suppress(ChannelClosed):

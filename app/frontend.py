@@ -52,8 +52,9 @@ log = logging.getLogger("dfine.frontend")
 
 FRONTEND_INDEX_ENV = "DFINE_FRONTEND_INDEX"
 RECONNECT_S = 0.2
-# Slots beyond the version's admission places: a request whose client left gives its place
-# back at once, its slot only once the engine has answered its run.
+# Slots beyond the version's admission places (at least a batch per run in flight): a request
+# whose client left gives its place back at once, its slot only once the engine has answered
+# its run, which is once its batch is over.
 SPARE_SLOTS = 8
 
 
@@ -112,7 +113,14 @@ class RemoteRuns:
         self._held: dict[int, SlotPlace] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        link.send(Pool(pool_id, shape, count), fds=(self.pool.fd,))
+        # The connection the engine knows this pool on: after a reconnect (a new engine
+        # process) its runs are refused here, not sent with a pool number it never saw.
+        self.channel = link.channel
+        try:
+            link.send(Pool(pool_id, view.serial, shape, count), fds=(self.pool.fd,))
+        except BaseException:
+            self.pool.close()
+            raise
 
     def start(self) -> None:
         pass
@@ -185,6 +193,8 @@ class EngineLink:
                   timeout_s: float) -> _Row:
         id = next(self._ids)
         try:
+            if runs.channel is not self.channel:
+                raise ChannelClosed()
             self.send(Run(id, runs.name, runs.version, runs.pool_id, place.slot, image.width,
                           image.height, image.target_size_wh, timeout_s))
         except ChannelClosed:
@@ -307,6 +317,7 @@ class RemoteRegistry(Routing):
         self.failure: str | None = None
         self._state: State | None = None
         self._routes: dict[str, dict[int, Detector]] = {}
+        self._serials: set[int] = set()
         self._pools = itertools.count(1)
         self._retiring: set[asyncio.Task[None]] = set()
         self._first_state = asyncio.Event()
@@ -360,19 +371,16 @@ class RemoteRegistry(Routing):
     def _apply(self, state: State) -> None:
         """Mirror the engine's models: new versions get a detector (and a slot pool), gone
         ones leave the routing table now and drain in the background."""
-        wanted = {(v.name, v.version): v for v in state.versions}
+        # By the engine's serial, not (name, version): a rewritten file is a new copy.
+        serving = {d.serial: d for versions in self._routes.values() for d in versions.values()}
         routes: dict[str, dict[int, Detector]] = {}
-        for (name, version), view in wanted.items():
-            detector = self._routes.get(name, {}).get(version)
-            if detector is None:
-                detector = self._detector(view)
-            routes.setdefault(name, {})[version] = detector
-        for name, versions in self._routes.items():
-            for version, detector in versions.items():
-                if (name, version) not in wanted:
-                    self._retire(detector)
-        added = any(name not in self._routes or version not in self._routes[name]
-                    for name, version in wanted)
+        for view in state.versions:
+            detector = serving.pop(view.serial, None) or self._detector(view)
+            routes.setdefault(view.name, {})[view.version] = detector
+        for detector in serving.values():
+            self._retire(detector)
+        added = any(view.serial not in self._serials for view in state.versions)
+        self._serials = {view.serial for view in state.versions}
         self._routes, self._state = routes, state
         self.started, self.failure = state.started, state.failure
         if added and self.link.frontend == 0:  # one line for the service, not one each
@@ -387,8 +395,11 @@ class RemoteRegistry(Routing):
     def _detector(self, view: VersionView) -> Detector:
         metrics = self.metrics.for_version(view.name, view.version)
         engine = cast(OnnxEngine, EngineView(view))
-        runs = RemoteRuns(self.link, view, next(self._pools), view.max_admitted + SPARE_SLOTS)
+        # Spare slots: runs whose clients left hold theirs until their batch is over.
+        spare = max(SPARE_SLOTS, view.parallel.instances * view.parallel.max_batch_size)
+        runs = RemoteRuns(self.link, view, next(self._pools), view.max_admitted + spare)
         detector = Detector(engine, view.settings, metrics, view.version, runs=runs)
+        detector.serial = view.serial
         detector.start()
         return detector
 
@@ -406,7 +417,7 @@ class RemoteRegistry(Routing):
         for versions in self._routes.values():
             for detector in versions.values():
                 self._retire(detector)
-        self._routes, self._state = {}, None
+        self._routes, self._state, self._serials = {}, None, set()
         self.started = False
 
     # --- the lifespan ---------------------------------------------------------------------

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +33,8 @@ from app.threads import name_os_thread
 from app.trim import IdleTrimmer
 
 MAX_ROOM_WAITERS = 256
+_SERIALS = itertools.count(1)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,10 @@ class Detector:
                 observer=metrics)
         self.runs: Runs = runs or _LocalRuns(self.batcher)
         self._admitted = 0
+        # In the engine process: the front ends' slot pools bound to this version. Their
+        # admitted requests may still send runs here, so a drain waits until they let go.
+        self.serial = next(_SERIALS)  # tells a version's detectors apart (a rewritten file)
+        self._pins = 0
         self._trimmer = IdleTrimmer()
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self.accepting = True
@@ -275,13 +283,22 @@ class Detector:
         another image of its request failed), a decode not started yet never starts; one
         already running is waited for, so that the request's places are held until its memory
         is given back (and its slot is written no more)."""
-        future = self._decode_pool.submit(self._prepare_bytes, data, orientation, place.view)
+        return await self._in_pool(self._prepare_bytes, data, orientation, place.view)
+
+    async def _in_pool(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` in a decode worker. Cancelled before it starts, it never does;
+        once started it is waited for, however often the wait is cancelled (it may be writing
+        into a slot that its request gives back when it ends)."""
+        future = self._decode_pool.submit(work, *args)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             if not future.cancel():  # running: it cannot be stopped
-                with contextlib.suppress(Exception):  # its result is not wanted any more
-                    await asyncio.wrap_future(future)
+                running = asyncio.wrap_future(future)
+                while not running.done():
+                    # Its result or error is not wanted; another cancel: wait on.
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await asyncio.shield(running)
             raise
 
     def _prepare_bytes(self, data: bytes | memoryview, orientation: OrientationMode | None,
@@ -337,6 +354,9 @@ class Detector:
             if prepared is None:
                 assert data is not None
                 prepared = await self._prepare_in_pool(data, place)
+            elif place.view is not None:  # a client's tensor, into its slot (off the loop)
+                await self._in_pool(np.copyto, place.view, prepared.pixels)
+                prepared = replace(prepared, pixels=place.view)
             row = await self.runs.submit(prepared, self.settings.request_timeout_s)
         finally:
             place.release()
@@ -372,9 +392,16 @@ class Detector:
         finish. Returns False if ``timeout_s`` passed first."""
         self.accepting = False
         deadline = time.monotonic() + timeout_s
-        while self._admitted and time.monotonic() < deadline:
+        while (self._admitted or self._pins) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         return await self.runs.drain(max(0.0, deadline - time.monotonic()))
+
+    def pin(self) -> None:
+        """A front end's pool now sends runs here (app.engine_process): drains wait for it."""
+        self._pins += 1
+
+    def unpin(self) -> None:
+        self._pins -= 1
 
     async def stop(self) -> None:
         await self.runs.stop()

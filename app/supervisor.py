@@ -451,7 +451,9 @@ def run(settings: Settings, argv: list[str]) -> int:
     supervisor = Supervisor(engine_command=command, frontend_command=command,
                             frontends=frontend_count(settings), host=settings.host,
                             port=settings.port,
-                            drain_timeout_s=settings.request_timeout_s + 10)
+                            # A front end's drain (REQUEST_TIMEOUT_S + 5), its lifespan's
+                            # (at most REQUEST_TIMEOUT_S more) and gRPC's grace (5 s).
+                            drain_timeout_s=2 * settings.request_timeout_s + 15)
     return supervisor.run()
 
 

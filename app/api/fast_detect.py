@@ -79,8 +79,8 @@ def plain_query(query_string: bytes) -> dict[str, Any] | None:
             if len(text) > MAX_CLASSES_CHARS:
                 return None
             params[name] = text
-        elif name == "version":
-            if text and (not _VERSION.match(text) or int(text) > MAX_VERSION):
+        elif name == "version":  # (empty: FastAPI refuses it, as no integer)
+            if not _VERSION.match(text) or int(text) > MAX_VERSION:
                 return None
         elif name == "model" and len(text) > MAX_NAME_CHARS:
             return None

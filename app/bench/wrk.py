@@ -35,6 +35,7 @@ from typing import Any
 from app.bench.cli import _server, _service_command, free_port
 from app.bench.images import synthetic_jpegs
 from app.bench.load import fetch
+from app.bench.preprocess_cost import preprocess_ms, settings_for
 from app.bench.stats import metric_value
 from app.config import Settings
 
@@ -521,6 +522,20 @@ def threads_table(results: list[WrkResult]) -> str:
     return "\n".join(lines)
 
 
+def preprocess_table(results: list[WrkResult]) -> str:
+    """Each run's CPU per request beside what decoding and preprocessing its image costs in
+    one thread of this process: the rest is the front end's own (HTTP, hand-offs, answer)."""
+    lines = ["| target | request | load | CPU ms/req | decode + preprocess in-process ms | "
+             "the rest ms |", "|---" * 6 + "|"]
+    for r in results:
+        own = r.extra.get("preprocess_ms")
+        rest = (round(r.cpu_ms_per_request - own, 3)
+                if own is not None and r.cpu_ms_per_request is not None else None)
+        lines.append(f"| {r.target} | {r.request} | c={r.concurrency} | "
+                     f"{_cell(r.cpu_ms_per_request)} | {_cell(own)} | {_cell(rest)} |")
+    return "\n".join(lines)
+
+
 # --- targets and the run ----------------------------------------------------------------------
 
 
@@ -701,11 +716,19 @@ def main(args: argparse.Namespace) -> None:
         targets = _started_targets(args, stack)
         engines = {t.name: _engine(t.url) for t in targets}
         results = run_rounds(targets, scripts, concurrencies, args.repeat, plan)
+    bodies = {k.name: k.body for k in request_kinds(names, args.width, args.height)}
+    for result in results:  # multipart's image is the photo's
+        target = next(t for t in targets if t.name == result.target)
+        body = bodies["photo" if result.request == "multipart" else result.request]
+        result.extra["preprocess_ms"] = preprocess_ms(settings_for(args.model, target.env),
+                                                      body)
     report = _report(args, plan, targets, engines, results)
     (args.out / "wrk.json").write_text(json.dumps(report, indent=2) + "\n")
     print(summary_table(results))
     print()
     print(threads_table(results))
+    print()
+    print(preprocess_table(results))
     print(f"\nCPU ms/req: every process and thread of the service, per successful request "
           f"(/proc). Ceiling: min(cores / CPU ms/req, 1 / the busiest thread's ms/req); for "
           f"{BIG_HOST_CORES} cores the busiest lone thread's (a pool of threads of one name "

@@ -2,7 +2,9 @@
 
 asyncio's transports read with ``recv`` and would drop the descriptors, so both ends read and
 write the non-blocking socket themselves on the event loop: a frame is a 4-byte big-endian
-length and a pickled message; descriptors ride with a frame's first bytes.
+length, a byte counting its descriptors, and a pickled message. Descriptors ride with a frame's
+first bytes, but one read may return the end of an earlier frame with them: they wait in a
+queue, and each frame takes as many as its header says.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import struct
 from collections import deque
 from typing import Any
 
-HEADER = struct.Struct(">I")
+HEADER = struct.Struct(">IB")  # the message's length, its descriptors
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAX_FDS = 16
 READ_BYTES = 256 * 1024
@@ -37,7 +39,7 @@ class Channel:
         self._loop = asyncio.get_running_loop()
         self._inbox: asyncio.Queue[tuple[Any, list[int]] | None] = asyncio.Queue()
         self._buffer = bytearray()
-        self._fds: list[int] = []  # received, not yet handed out with their frame
+        self._fds: deque[int] = deque()  # received, not yet handed out with their frame
         self._outbox: deque[tuple[memoryview, list[int]]] = deque()
         self._writing = False
         self.closed = False
@@ -48,8 +50,10 @@ class Channel:
     def send(self, message: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
         if self.closed:
             raise ChannelClosed()
+        if len(fds) > MAX_FDS:
+            raise ValueError(f"at most {MAX_FDS} descriptors a message")
         body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self._outbox.append((memoryview(HEADER.pack(len(body)) + body), list(fds)))
+        self._outbox.append((memoryview(HEADER.pack(len(body), len(fds)) + body), list(fds)))
         if not self._writing:
             self._flush()
 
@@ -115,15 +119,18 @@ class Channel:
 
     def _frames(self) -> None:
         while len(self._buffer) >= HEADER.size:
-            (size,) = HEADER.unpack_from(self._buffer)
-            if size > MAX_FRAME_BYTES:
+            size, count = HEADER.unpack_from(self._buffer)
+            if size > MAX_FRAME_BYTES or count > len(self._fds) + MAX_FDS:
                 self._close()
                 return
             if len(self._buffer) < HEADER.size + size:
                 return
+            if count > len(self._fds):  # its descriptors came with its first byte: a bug
+                self._close()
+                return
             body = bytes(self._buffer[HEADER.size:HEADER.size + size])
             del self._buffer[:HEADER.size + size]
-            fds, self._fds = self._fds, []
+            fds = [self._fds.popleft() for _ in range(count)]
             self._inbox.put_nowait((pickle.loads(body), fds))
 
     def _close(self) -> None:
@@ -139,7 +146,7 @@ class Channel:
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._fds = []
+        self._fds.clear()
         self.sock.close()
         self._inbox.put_nowait(None)
 

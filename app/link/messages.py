@@ -24,9 +24,12 @@ class Hello:
 
 @dataclass(frozen=True)
 class Pool:
-    """A slot pool for one model version; its memfd rides with this message."""
+    """A slot pool for one loaded version (``detector``: its ``VersionView.serial``); its
+    memfd rides with this message. The engine runs the pool's images on that version until
+    the pool is closed, even once newer ones serve."""
 
     pool: int
+    detector: int
     shape: tuple[int, ...]
     count: int
 
@@ -79,6 +82,7 @@ class VersionView:
 
     name: str
     version: int
+    serial: int  # this loaded copy (a rewritten file is a new one)
     info: ModelInfo
     settings: Settings  # the version's own (its settings.json over the service's)
     parallel: Parallelism

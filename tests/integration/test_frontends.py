@@ -340,3 +340,86 @@ def test_grpc_is_served_by_every_front_end_on_one_port_and_answers_as_the_model_
         np.testing.assert_allclose(got.as_numpy("scores"), scores, atol=1e-4)
         np.testing.assert_allclose(got.as_numpy("boxes"), boxes, atol=1e-2)
         assert server.process.poll() is None
+
+
+def test_a_new_version_rolls_in_under_load_with_no_failed_request(tmp_path: Path) -> None:
+    """Requests a front end admitted on the old version finish on it (the engine keeps it
+    while a front end's pool is bound to it), and a version's rewritten file reaches every
+    front end (a new copy, told apart by its serial)."""
+    import asyncio
+
+    from app.bench.swap import swap_under_load
+
+    root = tmp_path / "repository"
+    (root / "live" / "1").mkdir(parents=True)
+    os.link(DEFAULT_MODEL, root / "live" / "1" / "model.onnx")
+    with run_server(tmp_path, "--frontends", "2", "--model-repository", str(root),
+                    "--model-control", "poll", "--repository-poll-s", "0.3",
+                    ready_timeout_s=120) as server:
+        report = asyncio.run(swap_under_load(server.url, root, "live", DEFAULT_MODEL, 1, 2,
+                                             clients=16, steady_s=2, after_s=1))
+        assert report.not_ok == {}, report
+        assert report.requests > 30
+        connections = connections_to_each(server, frontend_pids(server))
+        for connection in connections.values():
+            status, body = ask(connection, "POST", "/detect", IMAGE, JPEG)
+            assert status == 200 and json.loads(body)["version"] == 2, body
+        # Version 2 rewritten with other class names: every front end answers with them.
+        (root / "live" / "labels.txt").write_text("disc\nbox\nwedge\n")
+        for connection in connections.values():
+            wait_until(lambda c=connection: "disc" in ask(c, "GET", "/model?model=live")[1]
+                       .decode(), 60, "the rewritten version on this front end")
+
+
+def test_a_request_whose_other_images_are_cancelled_leaks_no_slot(service: Server) -> None:
+    """/v2 with a corrupt image among good ones: the others' runs are cancelled, some in the
+    same read as they were sent. Every run is answered, so the slots all come back: later
+    requests still get places (they got 503 for good once enough had leaked; whether a run
+    and its cancel share a read is timing, checked deterministically in
+    tests/unit/test_link.py)."""
+    import base64
+
+    good = base64.b64encode(IMAGE).decode()
+    bad = base64.b64encode(b"\xff\xd8 not a jpeg").decode()
+    model = DEFAULT_MODEL.stem
+    body = json.dumps({"inputs": [{"name": "image", "shape": [16], "datatype": "BYTES",
+                                   "data": [good] * 15 + [bad]}]}).encode()
+    connections = list(connections_to_each(service, frontend_pids(service)).values())
+    for k in range(30):
+        status, answer = ask(connections[k % 2], "POST", f"/v2/models/{model}/infer", body,
+                             {"Content-Type": "application/json"})
+        assert status == 400, answer
+    whole = json.dumps({"inputs": [{"name": "image", "shape": [16], "datatype": "BYTES",
+                                    "data": [good] * 16}]}).encode()
+    for connection in connections:
+        status, answer = ask(connection, "POST", f"/v2/models/{model}/infer", whole,
+                             {"Content-Type": "application/json"})
+        assert status == 200, answer
+
+
+def test_client_tensors_take_one_slot_each(service: Server) -> None:
+    """Preprocessed FP32 inputs, 16 images a request, 3 requests at once: each image is copied
+    into its own slot (it took two before, and half the admitted requests got 503)."""
+    import numpy as np
+
+    pixels = np.random.default_rng(1).random((16, 3, 320, 320), dtype=np.float32)
+    sizes = np.tile(np.asarray([[640, 480]], np.int64), (16, 1))
+    body = json.dumps({"inputs": [
+        {"name": "images", "shape": list(pixels.shape), "datatype": "FP32",
+         "data": pixels.ravel().tolist()},
+        {"name": "orig_target_sizes", "shape": [16, 2], "datatype": "INT64",
+         "data": sizes.ravel().tolist()}]}).encode()
+    port = int(service.url.rsplit(":", 1)[1])
+    statuses: list[int] = []
+
+    def send() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        statuses.append(ask(connection, "POST", f"/v2/models/{DEFAULT_MODEL.stem}/infer", body,
+                            {"Content-Type": "application/json"})[0])
+
+    threads = [threading.Thread(target=send) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200, 200, 200]

@@ -293,3 +293,14 @@ def test_snapshot_follows_children_and_reads_named_threads() -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait(30)
+
+
+def test_the_in_process_preprocessing_cost_uses_the_targets_mode() -> None:
+    from app.bench.images import synthetic_jpegs
+    from app.bench.preprocess_cost import preprocess_ms, settings_for
+    from tests.helpers import DEFAULT_MODEL
+
+    fast = settings_for(DEFAULT_MODEL, {"DFINE_PREPROCESS": "fast", "OTHER": "x"})
+    assert fast.preprocess == "fast" and fast.instant_engine
+    assert settings_for(DEFAULT_MODEL, {}).preprocess == "exact"
+    assert preprocess_ms(fast, synthetic_jpegs(1, 64, 48)[0], repeats=5) > 0

@@ -21,7 +21,7 @@ def test_plain_values_are_taken() -> None:
     b"score_threshold=1.5", b"score_threshold=-0.1", b"score_threshold=nan",
     b"score_threshold=", b"score_threshold=1e-3", b"max_detections=0",
     b"max_detections=301", b"max_detections=07", b"clip=yes", b"orientation=EXIF",
-    b"version=0", b"version=abc", b"model=" + b"m" * 129, b"classes=" + b"a" * 4097,
+    b"version=0", b"version=abc", b"version=", b"model=" + b"m" * 129, b"classes=" + b"a" * 4097,
 ])
 def test_anything_else_goes_to_fastapi(query: bytes) -> None:
     assert plain_query(query) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -63,3 +64,46 @@ def test_a_memfd_pool_needs_no_name_on_disk() -> None:
     pool = SlotPool.create("dfine-test", (3, 2, 2), 1)
     assert os.readlink(f"/proc/self/fd/{pool.fd}").startswith("/memfd:dfine-test")
     pool.close()
+
+
+async def test_descriptors_stay_with_their_message_when_one_read_returns_two() -> None:
+    """A message without descriptors, then one with: both unread when the receiver reads, so
+    one read returns the first frame's bytes with the second's descriptor."""
+    front_sock, engine_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    front, engine = Channel(front_sock), Channel(engine_sock)
+    pool = SlotPool.create("test", (3, 4, 4), 1)
+    front.send("first")
+    front.send("second", fds=(pool.fd,))
+    assert await asyncio.wait_for(engine.receive(), 10) == ("first", [])
+    message, fds = await asyncio.wait_for(engine.receive(), 10)
+    assert message == "second" and len(fds) == 1
+    os.close(fds[0])
+    front.close()
+    engine.close()
+    pool.close()
+
+
+async def test_a_run_cancelled_in_the_same_read_as_it_came_is_answered() -> None:
+    """The engine answers every run, even one whose task is cancelled before it starts (its
+    Cancel read together with it): else the front end's slot would never come back. The
+    engine's host is a stand-in here: the run never gets to use it."""
+    from app.engine_process import FrontendSession
+    from app.link.messages import Cancel
+
+    class Host:
+        sessions: ClassVar[set[object]] = set()
+
+        def acked(self) -> None:
+            pass
+
+    front_sock, engine_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    front, engine = Channel(front_sock), Channel(engine_sock)
+    session = FrontendSession(Host(), engine)  # type: ignore[arg-type]
+    serving = asyncio.get_running_loop().create_task(session.serve())
+    front.send(Run(7, "m", 1, 1, 0, 10, 10, (10, 10), 5.0))
+    front.send(Cancel(7))
+    answer, _ = await asyncio.wait_for(front.receive(), 10)
+    assert isinstance(answer, Failed) and answer.id == 7
+    front.close()
+    await asyncio.wait_for(serving, 10)
+    assert session.runs == {}
