@@ -87,14 +87,16 @@ def main(argv: list[str] | None = None) -> None:
     except SettingsError as exc:
         print(f"dfine-serve: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    configure_logging(settings.log_level, settings.log_format)
-    fix_mmap_threshold()  # before any model is loaded (app/trim.py says why)
     frontends = resolve_frontends(settings)
     role = os.environ.get(ROLE_ENV)
+    supervisor = role is None and frontends > 1
+    # The supervisor forks its children from a process without threads.
+    configure_logging(settings.log_level, settings.log_format, writer_thread=not supervisor)
+    fix_mmap_threshold()  # before any model is loaded (app/trim.py says why)
     if role == "frontend":
         serve_frontend(settings.model_copy(update={"frontends": frontends}))
         return
-    if role is None and frontends > 1:
+    if supervisor:
         from app.supervisor import run as supervise
 
         os.environ["DFINE_FRONTENDS"] = str(frontends)  # the children's, resolved once

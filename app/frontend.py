@@ -82,6 +82,8 @@ class SlotPlace:
     """A slot of a version's pool, held by a request until its run is sent, then by the
     engine until it answers."""
 
+    shared = True
+
     def __init__(self, runs: RemoteRuns, slot: int) -> None:
         self.runs, self.slot = runs, slot
         self.view: np.ndarray[Any, np.dtype[np.float32]] | None = runs.pool.view(slot)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 from typing import Any
 
 import orjson
@@ -25,7 +28,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure(level: str, fmt: str) -> None:
+def configure(level: str, fmt: str, writer_thread: bool = True) -> None:
+    """Logging for the whole process. ``writer_thread``: records are formatted and written by
+    a thread of their own (not in a process that forks children: the supervisor)."""
     # Neither format shows the caller, thread or process: skip computing them for every record
     # (the logging HOWTO's "Optimization"; the access log writes one record per request).
     logging._srcfile = None
@@ -36,8 +41,55 @@ def configure(level: str, fmt: str) -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_written_in_a_thread(handler) if writer_thread else handler]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error"):  # one format for everything
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+MAX_WAITING_RECORDS = 10_000
+
+
+class _Handoff(logging.handlers.QueueHandler):
+    """Records to a bounded queue, formatted and written by a thread of their own: the
+    event loop's per-request work does not include formatting and the write. When the writer
+    falls behind (a blocked stderr), records are dropped and counted, never buffered without
+    bound."""
+
+    dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record  # formatted by the writer (the same process: nothing to pickle)
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            _Handoff.dropped += 1
+
+
+class _SaysWhatWasDropped(logging.Handler):
+    """The writer's handler: before the next record, a line saying how many were dropped."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler, self.reported = handler, 0
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        dropped = _Handoff.dropped
+        if dropped > self.reported:
+            self.handler.handle(logging.makeLogRecord({
+                "name": "dfine.logs", "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": "%d log records dropped: the log's writer fell behind",
+                "args": (dropped - self.reported,)}))
+            self.reported = dropped
+        return self.handler.handle(record)
+
+
+def _written_in_a_thread(handler: logging.Handler) -> logging.Handler:
+    records: queue.Queue[logging.LogRecord] = queue.Queue(MAX_WAITING_RECORDS)
+    listener = logging.handlers.QueueListener(records, _SaysWhatWasDropped(handler))
+    listener.start()
+    atexit.register(listener.stop)  # what is queued is written before the process ends
+    return _Handoff(records)

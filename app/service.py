@@ -79,23 +79,33 @@ class DetectResult:
 
 
 class Place(Protocol):
-    """Where one model-ready image is written before its run: ``view`` (a shared-memory slot
-    of a front end, app.frontend), or None for a new array. Given back with ``release``
-    (nothing, once its run holds it)."""
+    """Where one model-ready image is written before its run: ``view``, a spare array (one
+    process) or a shared-memory slot of a front end (``shared``: app.frontend). Given back
+    with ``release`` (a slot not before its run is over)."""
 
     view: npt.NDArray[np.float32] | None
+    shared: bool
 
     def release(self) -> None: ...
 
 
-class _NewArray:
-    view: npt.NDArray[np.float32] | None = None
+class _Spare:
+    """A model-ready tensor from the version's spares (one process), given back when its
+    request ends: under load, requests write into memory already faulted in instead of a
+    fresh array of pages each (glibc gives a freed array's pages back, and a 640×640 tensor
+    is always a mapping of its own)."""
+
+    shared = False  # not seen by another process: a client's tensor needs no copy into it
+
+    def __init__(self, spares: list[npt.NDArray[np.float32]], shape: tuple[int, ...]) -> None:
+        self._spares = spares
+        self.view: npt.NDArray[np.float32] | None = (
+            spares.pop() if spares else np.empty(shape, np.float32))
 
     def release(self) -> None:
-        pass
-
-
-NEW_ARRAY = _NewArray()
+        if self.view is not None:
+            self._spares.append(self.view)
+            self.view = None
 
 
 class Runs(Protocol):
@@ -117,11 +127,17 @@ class Runs(Protocol):
 
 
 class _LocalRuns:
-    """A version's own batcher: images in new arrays, run in this process."""
+    """A version's own batcher: images in spare arrays, run in this process."""
 
-    def __init__(self, batcher: DynamicBatcher[PreparedImage, _Row] | None) -> None:
+    def __init__(self, batcher: DynamicBatcher[PreparedImage, _Row] | None,
+                 shape: tuple[int, ...]) -> None:
         assert batcher is not None
-        self.batcher = batcher
+        self.batcher, self.shape = batcher, shape
+        self._spares: list[npt.NDArray[np.float32]] = []  # at most one per admitted image
+
+    def idle(self) -> None:
+        """No request is in flight: the spares go (their memory back to the system)."""
+        self._spares.clear()
 
     @property
     def hung_runs(self) -> int:
@@ -131,7 +147,7 @@ class _LocalRuns:
         self.batcher.start()
 
     def place(self) -> Place:
-        return NEW_ARRAY
+        return _Spare(self._spares, self.shape)
 
     async def submit(self, payload: PreparedImage, timeout_s: float) -> _Row:
         return await self.batcher.submit(payload, timeout_s)
@@ -176,7 +192,12 @@ class Detector:
                 batch_sizes=engine.buckets,
                 instances=engine.parallel.instances, run_timeout_s=settings.engine_timeout_s,
                 observer=metrics)
-        self.runs: Runs = runs or _LocalRuns(self.batcher)
+        self._local: _LocalRuns | None = None
+        if runs is None:
+            info = engine.info
+            self._local = runs = _LocalRuns(self.batcher, (3, info.input_height,
+                                                           info.input_width))
+        self.runs: Runs = runs
         self._admitted = 0
         # In the engine process: the front ends' slot pools bound to this version. Their
         # admitted requests may still send runs here, so a drain waits until they let go.
@@ -245,6 +266,8 @@ class Detector:
     def release(self, images: int) -> None:
         self._admitted -= images
         if self._admitted == 0:
+            if self._local is not None:
+                self._local.idle()
             self._trimmer.idle()
         while self._room_waiters and self._admitted < self.max_admitted:
             waiter = self._room_waiters.popleft()  # the longest waiting first
@@ -354,7 +377,8 @@ class Detector:
             if prepared is None:
                 assert data is not None
                 prepared = await self._prepare_in_pool(data, place)
-            elif place.view is not None:  # a client's tensor, into its slot (off the loop)
+            elif place.shared:  # a client's tensor, into its slot (off the loop)
+                assert place.view is not None
                 await self._in_pool(np.copyto, place.view, prepared.pixels)
                 prepared = replace(prepared, pixels=place.view)
             row = await self.runs.submit(prepared, self.settings.request_timeout_s)

@@ -24,20 +24,12 @@ MIN_INTERVAL_S = 1.0
 # 189 MB with a fixed 4 MiB. Blocks under it (a model-size tensor, a decoded camera frame) are
 # still reused from the arenas.
 MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
-# A heap's free top is given back when it passes this. glibc's 128 KiB (fixed once the mmap
-# threshold is set) gave back each request's model-size tensor as it was freed, and the next
-# request faulted its pages in again: ~180 page faults and 0.4 ms of kernel time a request in
-# the decode threads. Under load, memory now stays for the next requests; once idle,
-# IdleTrimmer gives it back (malloc_trim ignores this threshold).
-TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024
-M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (malloc.h)
-M_MMAP_THRESHOLD = -3
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
 def fix_mmap_threshold() -> bool:
-    """Fix glibc's mmap threshold at MMAP_THRESHOLD_BYTES and its trim threshold at
-    TRIM_THRESHOLD_BYTES (the process's allocator, once at start); False elsewhere than
-    glibc."""
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD_BYTES (the process's allocator, once at
+    start); False elsewhere than glibc."""
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt if name else None
@@ -46,8 +38,7 @@ def fix_mmap_threshold() -> bool:
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-                and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def libc_trim() -> Callable[[], None] | None:

@@ -716,7 +716,7 @@ def main(args: argparse.Namespace) -> None:
         targets = _started_targets(args, stack)
         engines = {t.name: _engine(t.url) for t in targets}
         results = run_rounds(targets, scripts, concurrencies, args.repeat, plan)
-    bodies = {k.name: k.body for k in request_kinds(names, args.width, args.height)}
+    bodies = {k.name: k.body for k in request_kinds(["tiny", "photo"], args.width, args.height)}
     for result in results:  # multipart's image is the photo's
         target = next(t for t in targets if t.name == result.target)
         body = bodies["photo" if result.request == "multipart" else result.request]

@@ -1,0 +1,34 @@
+"""The log's writer thread: records written in order, and when it falls behind, dropped and
+said so (never an unbounded queue). In a subprocess: logging is the process's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+SCRIPT = """
+import logging, time
+from app import logs
+logs.MAX_WAITING_RECORDS = 5
+logs.configure("info", "text")
+log = logging.getLogger("t")
+for i in range(3000):
+    log.info("record %d", i)
+time.sleep(0.2)
+log.info("last")
+"""
+
+
+def test_records_beyond_the_bound_are_dropped_and_counted_and_the_rest_written_in_order(
+        ) -> None:
+    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=True)
+    lines = done.stderr.splitlines()
+    numbers = [int(line.rsplit(" ", 1)[1]) for line in lines if "INFO t: record" in line]
+    assert numbers == sorted(numbers) and numbers[0] == 0 and len(numbers) < 3000
+    dropped = sum(int(line.split("WARNING dfine.logs: ")[1].split()[0]) for line in lines
+                  if "log records dropped" in line)
+    assert dropped == 3000 - len(numbers)
+    assert lines[-1].endswith("INFO t: last")  # written before the process ended
