@@ -6,9 +6,12 @@ import atexit
 import logging
 import logging.handlers
 import queue
+import threading
 from typing import Any
 
 import orjson
+
+from app.threads import name_os_thread
 
 # Attributes every LogRecord has; anything else came in through ``extra``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
@@ -87,9 +90,16 @@ class _SaysWhatWasDropped(logging.Handler):
         return self.handler.handle(record)
 
 
+class _Writer(logging.handlers.QueueListener):
+    def _monitor(self) -> None:
+        threading.current_thread().name = "log-writer"
+        name_os_thread()  # told apart from the others in /proc and the bench
+        super()._monitor()  # type: ignore[misc]
+
+
 def _written_in_a_thread(handler: logging.Handler) -> logging.Handler:
     records: queue.Queue[logging.LogRecord] = queue.Queue(MAX_WAITING_RECORDS)
-    listener = logging.handlers.QueueListener(records, _SaysWhatWasDropped(handler))
+    listener = _Writer(records, _SaysWhatWasDropped(handler))
     listener.start()
     atexit.register(listener.stop)  # what is queued is written before the process ends
     return _Handoff(records)
