@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any, cast
 
 import numpy as np
@@ -65,17 +65,10 @@ class EngineView:
         self.info = view.info
         self.parallel = view.parallel
         self.buckets = view.buckets
-        self.bucket_costs: dict[int, float] = {}
         self._report = view.report
 
     def report(self) -> dict[str, Any]:
         return self._report
-
-    def warm_up(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class SlotPlace:
@@ -143,12 +136,11 @@ class RemoteRuns:
             self._idle.set()
 
     async def submit(self, payload: PreparedImage, timeout_s: float) -> _Row:
+        """``payload``'s pixels are a slot this pool's ``place`` gave (the detector decodes,
+        or copies a client's tensor, into it)."""
         slot = self.pool.slot_of(payload.pixels)
         place = self._held.get(slot) if slot is not None else None
-        if place is None:  # a tensor the client sent (/v2): into a slot of its own
-            place = self.place()
-            assert place.view is not None
-            place.view[...] = payload.pixels
+        assert place is not None, "the image is not in a slot of this version's pool"
         place.with_engine = True
         return await self.link.run(self, place, payload, timeout_s)
 
@@ -330,14 +322,11 @@ class RemoteRegistry(Routing):
     def _table(self) -> dict[str, dict[int, Detector]]:
         return self._routes
 
-    def _in_repository(self, name: str) -> bool:
-        return self._state is not None and name in self._state.known
-
     def _is_loading(self, name: str) -> bool:
         return self._state is not None and name in self._state.loading
 
-    def _repository_names(self) -> set[str]:
-        return set(self._state.known) if self._state is not None else set()
+    def _repository_names(self) -> Collection[str]:
+        return self._state.known if self._state is not None else ()
 
     # --- what the routes read -------------------------------------------------------------
 

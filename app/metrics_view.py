@@ -76,9 +76,8 @@ def _children_by_parent(proc: Path) -> dict[int, list[int]]:
     return children
 
 
-def service_pids(root: int, proc: Path = PROC) -> list[int]:
-    """``root`` (when alive) and every process below it, and always this process (so that a
-    front end whose supervisor is gone still counts itself)."""
+def descendants(root: int, proc: Path = PROC) -> list[int]:
+    """``root`` (when alive) and every process below it."""
     children = _children_by_parent(proc)
     found: list[int] = [root] if (proc / str(root)).exists() else []
     pending = [root]
@@ -86,6 +85,13 @@ def service_pids(root: int, proc: Path = PROC) -> list[int]:
         below = children.get(pending.pop(), [])
         found.extend(below)
         pending.extend(below)
+    return found
+
+
+def service_pids(root: int, proc: Path = PROC) -> list[int]:
+    """``descendants(root)``, and always this process (so that a front end whose supervisor
+    is gone still counts itself)."""
+    found = descendants(root, proc)
     if os.getpid() not in found:
         found.append(os.getpid())
     return found

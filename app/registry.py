@@ -18,7 +18,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,14 +114,11 @@ class ModelRegistry(Routing):
                             for name, versions in self._serving.items()}
         return self._routes
 
-    def _in_repository(self, name: str) -> bool:
-        return name in self._entries
-
     def _is_loading(self, name: str) -> bool:
         return any(s.state == "LOADING" for (n, _), s in self._status.items() if n == name)
 
-    def _repository_names(self) -> set[str]:
-        return set(self._entries)
+    def _repository_names(self) -> Collection[str]:
+        return self._entries.keys()
 
     def index(self, ready_only: bool = False) -> list[VersionStatus]:
         """Every model in the repository or loaded, each version's state (Triton's index)."""

@@ -7,6 +7,7 @@ process) and by a front end's mirror of the engine's models (app.frontend): both
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,8 +32,8 @@ class VersionStatus:
 
 class Routing:
     """The models a service serves, as its routes see them: lookups over a table of served
-    versions (``_table``), the names a repository holds (``_in_repository``) and those loading
-    (``_is_loading``); and what each kind of registry provides (the rest)."""
+    versions (``_table``), the names a repository holds (``_repository_names``) and those
+    loading (``_is_loading``); and what each kind of registry provides (the rest)."""
 
     settings: Settings
     started: bool
@@ -75,19 +76,16 @@ class Routing:
     def _table(self) -> dict[str, dict[int, Detector]]:
         raise NotImplementedError
 
-    def _in_repository(self, name: str) -> bool:
-        raise NotImplementedError
-
     def _is_loading(self, name: str) -> bool:
         raise NotImplementedError
 
-    def _repository_names(self) -> set[str]:
+    def _repository_names(self) -> Collection[str]:
         raise NotImplementedError
 
     def default_name(self) -> str:
         if self.settings.default_model:
             return self.settings.default_model
-        names = sorted(set(self._table()) | self._repository_names())
+        names = sorted(set(self._table()) | set(self._repository_names()))
         if len(names) == 1:
             return names[0]
         raise InvalidRequest(f"name a model (query model=...): this service serves "
@@ -111,7 +109,7 @@ class Routing:
             self.validate_name(name)
             if self._is_loading(name):
                 raise NotReady(f"model {name[:128]!r} is loading")
-            if self._in_repository(name):
+            if name in self._repository_names():
                 raise NotFound(f"model {name!r} has no version loaded")
             raise NotFound(f"unknown model {name[:128]!r}; this service serves "
                            f"{', '.join(sorted(table)[:20]) or 'none'}")
@@ -143,7 +141,7 @@ class Routing:
             bool(versions) if version is None else version in versions)
 
     def known(self, name: str) -> bool:
-        return self._in_repository(name) or name in self._table()
+        return name in self._repository_names() or name in self._table()
 
     def validate_name(self, name: str) -> None:
         """Every name a client gives passes here before anything is looked up or read: one

@@ -129,9 +129,8 @@ class Runs(Protocol):
 class _LocalRuns:
     """A version's own batcher: images in spare arrays, run in this process."""
 
-    def __init__(self, batcher: DynamicBatcher[PreparedImage, _Row] | None,
+    def __init__(self, batcher: DynamicBatcher[PreparedImage, _Row],
                  shape: tuple[int, ...]) -> None:
-        assert batcher is not None
         self.batcher, self.shape = batcher, shape
         self._spares: list[npt.NDArray[np.float32]] = []  # at most one per admitted image
 
@@ -184,6 +183,7 @@ class Detector:
         # engine process): refusing after the upload was read and decoded would waste what
         # admission exists to save.
         self.batcher: DynamicBatcher[PreparedImage, _Row] | None = None
+        self._local: _LocalRuns | None = None
         if runs is None:
             self.batcher = DynamicBatcher(
                 self._run_batch, max_batch_size=self.max_batch_size,
@@ -192,8 +192,6 @@ class Detector:
                 batch_sizes=engine.buckets,
                 instances=engine.parallel.instances, run_timeout_s=settings.engine_timeout_s,
                 observer=metrics)
-        self._local: _LocalRuns | None = None
-        if runs is None:
             info = engine.info
             self._local = runs = _LocalRuns(self.batcher, (3, info.input_height,
                                                            info.input_width))

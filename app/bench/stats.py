@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from app.metrics_view import descendants
+
 
 @dataclass
 class Sample:
@@ -75,18 +77,14 @@ def summarize(target: str, mode: str, load: float, samples: list[Sample], durati
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process and of every process under it (with FRONTENDS
     > 1 the service is a supervisor and its children), all their threads (Linux /proc)."""
-    total, todo = 0, [pid]
-    while todo:
-        process = todo.pop()
-        try:
-            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
-            tasks = list(Path(f"/proc/{process}/task").iterdir())
-        except OSError:  # gone meanwhile
-            continue
-        total += int(fields[11]) + int(fields[12])
-        for task in tasks:
-            with contextlib.suppress(OSError):
-                todo += [int(child) for child in (task / "children").read_text().split()]
+    def ticks(process: int) -> int:
+        fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    total = ticks(pid)  # raises when the process has gone
+    for process in descendants(pid)[1:]:
+        with contextlib.suppress(OSError):  # gone meanwhile
+            total += ticks(process)
     return total / os.sysconf("SC_CLK_TCK")
 
 

@@ -118,20 +118,26 @@ class Channel:
         self._frames()
 
     def _frames(self) -> None:
-        while len(self._buffer) >= HEADER.size:
-            size, count = HEADER.unpack_from(self._buffer)
-            if size > MAX_FRAME_BYTES or count > len(self._fds) + MAX_FDS:
-                self._close()
-                return
-            if len(self._buffer) < HEADER.size + size:
-                return
-            if count > len(self._fds):  # its descriptors came with its first byte: a bug
-                self._close()
-                return
-            body = bytes(self._buffer[HEADER.size:HEADER.size + size])
-            del self._buffer[:HEADER.size + size]
-            fds = [self._fds.popleft() for _ in range(count)]
-            self._inbox.put_nowait((pickle.loads(body), fds))
+        """Every complete frame in the buffer, in order; what is read of the next one stays.
+        The buffer is cut once, not after each frame (a read holds dozens of results)."""
+        start, end = 0, len(self._buffer)
+        try:
+            while end - start >= HEADER.size:
+                size, count = HEADER.unpack_from(self._buffer, start)
+                if size > MAX_FRAME_BYTES or count > MAX_FDS:
+                    self._close()
+                    return
+                if end - start < HEADER.size + size:
+                    return
+                if count > len(self._fds):  # its descriptors came with its first byte: a bug
+                    self._close()
+                    return
+                body = bytes(self._buffer[start + HEADER.size:start + HEADER.size + size])
+                start += HEADER.size + size
+                fds = [self._fds.popleft() for _ in range(count)]
+                self._inbox.put_nowait((pickle.loads(body), fds))
+        finally:
+            del self._buffer[:start]
 
     def _close(self) -> None:
         if self.closed:
