@@ -168,7 +168,9 @@ def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     protocol = guarded_protocol(limits, lambda code: errors.labels(code=code).inc())
     return uvicorn.Config(app, host=settings.host, port=settings.port,
                           log_level=settings.log_level, timeout_graceful_shutdown=None,
-                          access_log=False, log_config=None, server_header=False, http=protocol)
+                          access_log=False, log_config=None, server_header=False, http=protocol,
+                          # A client's frame is one message (app.streams.client).
+                          ws_max_size=settings.stream_max_frame_bytes)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,37 @@ class Settings(BaseSettings):
     max_renders: int = Field(
         2, ge=1, description="/detect/render requests in flight (decoding, drawing, sending), "
         "at most; more get 503")
+    video_dir: Path | None = Field(
+        None, description="video files a stream may read (POST /streams with a path under "
+        "it); unset: no file sources")
+    stream_sources: str = Field(
+        "", description="what a stream may fetch, comma-separated: URL prefixes "
+        "(rtsp://cam1.lan/, http://10.0.0.5:8080/) and networks (10.0.0.0/8, 192.168.1.7); "
+        "schemes rtsp, rtsps, http, https; empty: none (a stream is a fetch made by the server)")
+    streams: str = Field(
+        "", description="streams watched from the start: a JSON list of POST /streams bodies, "
+        "e.g. [{\"source\": \"rtsp://cam1.lan/sub\", \"fps\": 5}]")
+    max_streams: int = Field(8, ge=0, le=256, description="server-side streams at once, at most")
+    max_client_streams: int = Field(
+        16, ge=0, le=1024, description="clients sending frames over WebSocket "
+        "(/streams/client) at once, at most")
+    stream_frames_in_flight: int = Field(
+        2, ge=1, le=16, description="a stream's frames decoding, queued or running at once, at "
+        "most: what bounds the share of the batcher one stream takes")
+    stream_max_pixels: int = Field(
+        1920 * 1080, ge=1, description="a stream's frame width x height, at most (larger: "
+        "failed)")
+    stream_max_frame_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="a frame's encoded size, at most: a client's "
+        "WebSocket message, an MJPEG part, the bytes read from an HTTP source for one frame")
+    stream_open_timeout_s: float = Field(
+        10.0, gt=0, description="a source must answer and send its first frame within this, "
+        "else the stream fails (on its first connection) or reconnects")
+    stream_read_timeout_s: float = Field(
+        10.0, gt=0, description="a running source silent this long is lost: it reconnects")
+    stream_reconnect_max_s: float = Field(
+        30.0, gt=0, description="a lost live source reconnects with backoff from 0.5 s up to "
+        "this, without end (a file source ends)")
     instant_engine: bool = Field(
         False, description="benchmarks only: an engine that answers at once with no "
         "detections, to measure what the front end (HTTP, decode, batching) carries alone")

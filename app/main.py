@@ -23,6 +23,9 @@ from app.api.observe import RequestObserver
 from app.api.repository_routes import router as repository_router
 from app.api.routes import STATIC, pages, router
 from app.api.security import SecurityHeaders
+from app.api.stream_routes import router as stream_router
+from app.api.stream_routes import socket_router as stream_socket_router
+from app.api.stream_routes import stream_params
 from app.api.v2_routes import router as v2_router
 from app.config import Settings
 from app.engine.engine import OnnxEngine
@@ -30,6 +33,7 @@ from app.errors import ModelLoadError
 from app.metrics import Metrics
 from app.registry import ModelRegistry
 from app.routing import Routing
+from app.streams.manager import StreamManager
 
 if TYPE_CHECKING:
     from app.api.grpc_service import GrpcServer
@@ -79,6 +83,9 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None,
                      registry=registry(metrics) if registry is not None
                      else ModelRegistry(settings, metrics))
 
+    streams = state.streams = StreamManager(settings, state.registry, metrics.streams,
+                                            stream_params)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         grpc_server = _grpc_server(state) if settings.grpc_port else None
@@ -86,8 +93,10 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None,
             await grpc_server.start()
             app.state.grpc_port = grpc_server.port
         loading = asyncio.create_task(_load(state, engine))
+        await streams.start()
         yield
         state.draining = True
+        await streams.stop()
         loading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loading
@@ -111,6 +120,8 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None,
     app.include_router(router)
     app.include_router(v2_router)
     app.include_router(repository_router)
+    app.include_router(stream_router)
+    app.include_router(stream_socket_router)
     app.include_router(pages)
     app.mount("/static/swagger", StaticFiles(directory=STATIC / "swagger"), name="swagger")
 

@@ -216,6 +216,8 @@ class Metrics:
             Counter, "dfine_model_events", "Model versions loaded, unloaded, and failed to load",
             [*by_version, "event"])
 
+        self.streams = StreamMetrics(self)
+
     def _define(self, kind: type[_M], name: str, documentation: str,
                 labelnames: Sequence[str], **kwargs: Any) -> _M:
         if self.multiprocess_dir is None:
@@ -319,3 +321,56 @@ class VersionMetrics:
 
     def dropped(self, reason: DropReason) -> None:
         (self._cancelled if reason == "cancelled" else self._expired).inc()
+
+
+STREAM_STATES = ("connecting", "running", "reconnecting", "ended", "failed", "stopped")
+LAG_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
+                 30.0)
+
+
+class StreamMetrics:
+    """Video (app.streams): a server-side stream's series carry its id; a stream deleted
+    takes its gauges with it, its counters stay (rate() over its end stays right)."""
+
+    def __init__(self, root: Metrics) -> None:
+        define = root._define
+        self._root = root
+        self.received = define(Counter, "dfine_stream_frames_received",
+                               "Frames decoded from a stream's source", ["stream"])
+        self.processed = define(Counter, "dfine_stream_frames_processed",
+                                "Frames of a stream whose detections were published", ["stream"])
+        self.dropped = define(Counter, "dfine_stream_frames_dropped",
+                              "Frames of a stream not processed: behind (a newer frame won), "
+                              "failed (its detection failed)", ["stream", "reason"])
+        self.reconnects = define(Counter, "dfine_stream_reconnects",
+                                 "Times a stream's lost source was connected again", ["stream"])
+        self.lag = define(Gauge, "dfine_stream_lag_seconds", "The last published frame's lag: "
+                          "from its decode to its detections published", ["stream"],
+                          multiprocess_mode="livesum")
+        self.frame_lag = define(Histogram, "dfine_stream_frame_lag_seconds",
+                                "Each published frame's lag, every stream", [],
+                                buckets=LAG_BUCKETS_S)
+        self.up = define(Gauge, "dfine_stream_up", "1 while a stream is running, else 0",
+                         ["stream"], multiprocess_mode="livesum")
+        self.by_state = define(Gauge, "dfine_streams", "Server-side streams by state", ["state"],
+                               multiprocess_mode="livesum")
+        self.client_frames = define(Counter, "dfine_client_frames",
+                                    "Frames sent by WebSocket clients, by outcome", ["outcome"])
+        self.client_sessions = define(Gauge, "dfine_client_sessions",
+                                      "Open WebSocket sessions of clients sending frames", [],
+                                      multiprocess_mode="livesum")
+        for outcome in ("processed", "dropped", "failed"):
+            self.client_frames.labels(outcome)
+
+    def count_states(self, states: list[str]) -> None:
+        for state in STREAM_STATES:
+            self.by_state.labels(state).set(states.count(state))
+
+    def forget(self, stream: str) -> None:
+        """A deleted stream's gauges go."""
+        for gauge in (self.lag, self.up):
+            if self._root.multiprocess_dir is None:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(stream)
+            else:
+                _drop_series(gauge, {"stream": stream})

@@ -13,17 +13,18 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 
 from app.batching import DynamicBatcher
 from app.config import Settings
 from app.engine.engine import OnnxEngine
 from app.errors import NotReady, Overloaded
 from app.exact import bgr, open_rgb, prepare_exact
-from app.imaging import PreparedImage, decode, prepare
+from app.imaging import PreparedImage, UInt8Image, decode, prepare
 from app.metrics import VersionMetrics
 from app.orientation import OrientationMode
 from app.postprocess import Detection, original_boxes, select
@@ -76,6 +77,12 @@ class DetectResult:
     detections: list[Detection]
     timing_ms: dict[str, float]
     batch_size: int  # images in the engine run this image went through
+
+
+def stream_room(settings: Settings) -> int:
+    """Images of streams and clients' frames that may be in the batcher at once, beside the
+    admitted requests: each stream's STREAM_FRAMES_IN_FLIGHT, each client's one."""
+    return settings.max_streams * settings.stream_frames_in_flight + settings.max_client_streams
 
 
 class Place(Protocol):
@@ -188,7 +195,8 @@ class Detector:
             self.batcher = DynamicBatcher(
                 self._run_batch, max_batch_size=self.max_batch_size,
                 max_delay_s=settings.max_delay_ms / 1000,
-                max_queue=self.max_admitted * max(1, settings.frontends),
+                max_queue=self.max_admitted * max(1, settings.frontends)
+                + stream_room(settings),
                 batch_sizes=engine.buckets,
                 instances=engine.parallel.instances, run_timeout_s=settings.engine_timeout_s,
                 observer=metrics)
@@ -341,12 +349,53 @@ class Detector:
         return [_Row(out.labels[k], out.boxes[k], out.scores[k], started, finished, len(items))
                 for k in range(len(items))]
 
+    @property
+    def pixel_format(self) -> Literal["rgb24", "bgr24"]:
+        """How ``detect_decoded`` wants a frame's pixels: RGB for PIL (exact), BGR for OpenCV."""
+        return "rgb24" if self.settings.preprocess == "exact" else "bgr24"
+
+    def prepare_pixels(self, pixels: Callable[[], UInt8Image],
+                       out: npt.NDArray[np.float32] | None = None) -> PreparedImage:
+        """``prepare`` for an image decoded already (a video frame): ``pixels()`` gives it, in
+        ``pixel_format``; resized and normalised as an upload of the same pixels would be."""
+        started = time.perf_counter()
+        info = self.engine.info
+        norm = info.normalization
+        mean, std = (None, None) if norm.is_identity else (norm.mean, norm.std)
+        image = pixels()
+        if self.settings.preprocess == "exact":
+            prepared = prepare_exact(Image.fromarray(image, "RGB"), info.input_width,
+                                     info.input_height, info.resize, mean, std, out)
+        else:
+            prepared = prepare(image, info.input_width, info.input_height, info.resize,
+                               mean, std, None, out)
+        self.metrics.preprocess.observe(time.perf_counter() - started)
+        return prepared
+
+    async def detect_decoded(self, pixels: Callable[[], UInt8Image],
+                             params: DetectParams) -> DetectResult:
+        """``detect`` for a decoded video frame (app.streams): ``pixels()`` is called in a
+        decode worker. A stream's frames take no admission place: each stream bounds its own
+        (STREAM_FRAMES_IN_FLIGHT), and the batcher's queue has room for all of them."""
+        if not self.accepting:
+            raise NotReady()
+        return await self._detect(params, self.prepare_pixels, [pixels])
+
     async def detect(self, data: bytes, params: DetectParams) -> DetectResult:
+        work: list[Any] = [data, params.orientation]
+        del data
+        return await self._detect(params, self._prepare_bytes, work)
+
+    async def _detect(self, params: DetectParams, prepare_in_pool: Callable[..., PreparedImage],
+                      work: list[Any]) -> DetectResult:
+        """``prepare_in_pool(*work, out)`` in a decode worker, then the engine run and the
+        postprocessing. ``work`` is emptied once used: a queued request holds its small tensor
+        only, not its upload."""
         started = time.perf_counter()
         place = self.runs.place()
         try:
-            prepared = await self._prepare_in_pool(data, place, params.orientation)
-            del data  # a queued request holds its small tensor only, not its upload
+            prepared = await self._in_pool(prepare_in_pool, *work, place.view)
+            work.clear()
             queued = time.perf_counter()
             row = await self.runs.submit(prepared, self.settings.request_timeout_s)
         finally:

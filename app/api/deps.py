@@ -7,7 +7,7 @@ thread, and those hops cost more CPU per /detect request than everything else in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Query, Request
 
@@ -20,6 +20,9 @@ from app.orientation import OrientationMode
 from app.routing import Routing
 from app.service import Detector, DetectParams
 
+if TYPE_CHECKING:
+    from app.streams.manager import StreamManager
+
 
 @dataclass
 class AppState:
@@ -29,6 +32,8 @@ class AppState:
     metrics: Metrics
     registry: Routing
     draining: bool = False
+    streams: StreamManager | None = None  # server-side streams (app.streams)
+    client_sessions: int = 0  # clients sending frames over WebSocket, now
 
     @property
     def ready(self) -> bool:

@@ -1,0 +1,244 @@
+"""Video routes: server-side streams (create, list, read, delete; their detections as
+Server-Sent Events, a preview as MJPEG) and clients' frames over a WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import cv2
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Query, Response, WebSocket
+from fastapi.responses import StreamingResponse
+from starlette.websockets import WebSocketDisconnect
+
+from app.api.deps import StateDep, get_state, params_for, require_api_key
+from app.api.errors import AUTH_ERRORS
+from app.api.keys import authorize
+from app.errors import InvalidImage, Overloaded, ServiceError, Unauthorized
+from app.postprocess import Detection
+from app.render import draw
+from app.service import Detector, DetectParams
+from app.streams.client import ClientSession
+from app.streams.manager import StreamManager
+from app.streams.spec import StreamList, StreamRequest, StreamStatus
+from app.streams.stream import Published, Stream, Subscriber
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["streams"])
+socket_router = APIRouter()  # WebSockets: the key is checked by the route (a query may carry it)
+
+HEARTBEAT_S = 15.0
+MAX_SUBSCRIBERS = 32  # event readers per stream
+MAX_PREVIEWS = 4  # preview readers per stream (each frame drawn and encoded for each)
+PREVIEW_FPS = 10.0
+PREVIEW_QUALITY = 80
+STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
+    **AUTH_ERRORS, 403: {"description": "the source is not allowed (STREAM_SOURCES, VIDEO_DIR)"},
+    404: {"description": "no such stream, or an unknown model"},
+    422: {"description": "not a source, or bad parameters"},
+    503: {"description": "MAX_STREAMS streams run already, or the service is stopping"}}
+
+
+def stream_params(detector: Detector, request: StreamRequest) -> DetectParams:
+    """A stream's detection parameters: its own, else the model's settings (as /detect)."""
+    return params_for(detector, request.score_threshold, request.max_detections,
+                      request.classes_text())
+
+
+def _manager(state: StateDep) -> StreamManager:
+    assert state.streams is not None
+    return state.streams
+
+
+Manager = Annotated[StreamManager, Depends(_manager)]
+
+
+@router.post("/streams", status_code=201, response_model=StreamStatus, responses=STREAM_ERRORS,
+             summary="Watch a camera stream, an MJPEG or video URL, or a video file")
+async def create_stream(body: StreamRequest, manager: Manager, response: Response
+                        ) -> StreamStatus:
+    stream = await manager.create(body)
+    response.headers["Location"] = f"/streams/{stream.id}"
+    return stream.status()
+
+
+@router.get("/streams", response_model=StreamList, summary="Every stream and its state")
+async def list_streams(manager: Manager) -> StreamList:
+    return StreamList(streams=[s.status() for s in manager.list()])
+
+
+@router.get("/streams/{stream_id}", response_model=StreamStatus, responses=STREAM_ERRORS,
+            summary="A stream's state and counts")
+async def get_stream(stream_id: str, manager: Manager) -> StreamStatus:
+    return manager.get(stream_id).status()
+
+
+@router.delete("/streams/{stream_id}", status_code=204, responses=STREAM_ERRORS,
+               summary="Stop a stream and forget it")
+async def delete_stream(stream_id: str, manager: Manager) -> Response:
+    await manager.delete(stream_id)
+    return Response(status_code=204)
+
+
+def _sse(kind: str, body: dict[str, Any]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(body) + b"\n\n"
+
+
+@router.get("/streams/{stream_id}/events", responses=STREAM_ERRORS,
+            summary="A stream's detections, frame by frame, as Server-Sent Events",
+            response_class=StreamingResponse)
+async def stream_events(stream_id: str, manager: Manager) -> StreamingResponse:
+    """`event: frame` for each processed frame (frame number, source timestamp, detections with
+    track ids, frames dropped since the previous one, lag); `event: state` on each change of
+    state; `event: end` last, once the stream has ended, failed or was deleted."""
+    stream = manager.get(stream_id)
+    if len(stream.subscribers) >= MAX_SUBSCRIBERS:
+        raise Overloaded(f"a stream has {MAX_SUBSCRIBERS} event readers at most")
+    subscriber = Subscriber()
+    stream.subscribers.add(subscriber)
+    subscriber.push("state" if not stream.ended else "end", stream.status().model_dump())
+    return StreamingResponse(_events(stream, subscriber), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+async def _events(stream: Stream, subscriber: Subscriber) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            if not subscriber.events:
+                subscriber.ready.clear()
+                try:
+                    await asyncio.wait_for(subscriber.ready.wait(), HEARTBEAT_S)
+                except TimeoutError:
+                    yield b": heartbeat\n\n"
+                continue
+            kind, body = subscriber.events.popleft()
+            yield _sse(kind, body)
+            if kind == "end":
+                return
+    finally:
+        stream.subscribers.discard(subscriber)
+
+
+@router.get("/streams/{stream_id}/preview", responses=STREAM_ERRORS,
+            summary="A stream's frames with their boxes and track ids drawn, as MJPEG",
+            response_class=StreamingResponse)
+async def stream_preview(stream_id: str, manager: Manager) -> StreamingResponse:
+    """`multipart/x-mixed-replace` JPEGs (an `<img src>` shows it), up to 10 a second."""
+    stream = manager.get(stream_id)
+    if stream.previews >= MAX_PREVIEWS:
+        raise Overloaded(f"a stream has {MAX_PREVIEWS} preview readers at most")
+    stream.previews += 1
+    return StreamingResponse(_preview(stream), media_type="multipart/x-mixed-replace; "
+                             "boundary=frame", headers={"Cache-Control": "no-store"})
+
+
+async def _preview(stream: Stream) -> AsyncIterator[bytes]:
+    shown: Published | None = None
+    try:
+        while not stream.ended:
+            latest = stream.latest
+            if latest is None or latest is shown or (latest.frame.video is None
+                                                     and latest.frame.jpeg is None):
+                stream.latest_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stream.latest_changed.wait(), HEARTBEAT_S)
+                continue
+            shown = latest
+            started = time.perf_counter()
+            jpeg = await asyncio.to_thread(_draw, latest)
+            yield (b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                   + str(len(jpeg)).encode() + b"\r\n\r\n" + jpeg + b"\r\n")
+            await asyncio.sleep(max(0.0, 1 / PREVIEW_FPS - (time.perf_counter() - started)))
+    finally:
+        stream.previews -= 1
+
+
+def _draw(published: Published) -> bytes:
+    frame = published.frame
+    if frame.jpeg is not None:
+        decoded = cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR)
+        if decoded is None:
+            raise InvalidImage()
+        image: np.ndarray = decoded
+    else:
+        image = frame.pixels("bgr24")
+    labelled = [Detection(d.class_id, d.label if t is None else f"{d.label} #{t}", d.score,
+                          d.box) for d, t in zip(published.detections, published.track_ids,
+                                                 strict=True)]
+    ok, encoded = cv2.imencode(".jpg", draw(image, labelled),
+                               [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_QUALITY])
+    assert ok
+    return bytes(encoded)
+
+
+@socket_router.websocket("/streams/client")
+async def client_frames(
+    websocket: WebSocket,
+    model: Annotated[str | None, Query(max_length=128)] = None,
+    version: Annotated[int | None, Query(ge=1)] = None,
+    score_threshold: Annotated[float | None, Query(ge=0, le=1)] = None,
+    max_detections: Annotated[int | None, Query(ge=1, le=300)] = None,
+    classes: Annotated[str | None, Query(max_length=4096)] = None,
+    tracking: bool = True,
+    api_key: Annotated[str | None, Query(max_length=1024)] = None,
+) -> None:
+    """Frames from the client (binary messages, JPEG or PNG), each answered with its
+    detections (a text message, JSON); the newest waiting frame wins. See docs/video.md."""
+    state = await get_state(websocket)  # type: ignore[arg-type]
+    headers = {k.lower(): v for k, v in websocket.headers.items()}
+    if api_key:
+        headers["x-api-key"] = api_key
+    try:
+        authorize(state.settings, headers)
+    except Unauthorized:
+        await websocket.close(code=1008, reason="unauthorized")
+        return
+    metrics = state.metrics.streams
+    if state.draining or state.client_sessions >= state.settings.max_client_streams:
+        await websocket.close(code=1013, reason="MAX_CLIENT_STREAMS sessions are open, or "
+                                                "the service is stopping: retry later")
+        return
+    try:
+        request = StreamRequest(source="client", model=model, version=version,
+                                score_threshold=score_threshold,
+                                max_detections=max_detections,
+                                classes=classes.split(",") if classes else None,
+                                tracking=tracking)
+        detector = state.registry.find(model, version)
+        if detector is not None:
+            stream_params(detector, request)
+    except (ServiceError, ValueError) as exc:
+        await websocket.close(code=1008, reason=getattr(exc, "message", "bad parameters")[:120])
+        return
+    await websocket.accept()
+    state.client_sessions += 1
+    metrics.client_sessions.inc()
+    session = ClientSession(request, state.registry, metrics, stream_params,
+                            state.settings.stream_max_frame_bytes)
+
+    async def receive() -> bytes | str | None:
+        try:
+            message = await websocket.receive()
+        except WebSocketDisconnect:
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        data = message.get("bytes")
+        return data if data is not None else message.get("text") or ""
+
+    async def send(body: dict[str, Any]) -> None:
+        await websocket.send_text(orjson.dumps(body).decode())
+
+    try:
+        await session.run(receive, send)
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the client went while an answer was sent
+    finally:
+        state.client_sessions -= 1
+        metrics.client_sessions.dec()
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+        await websocket.close()

@@ -1,0 +1,1 @@
+"""Video: streams from cameras and files, and clients' frames, through the batcher."""

@@ -1,0 +1,436 @@
+"""One server-side stream: its source read by a thread (app.streams.sources), its frames
+through the model's batcher beside /detect's requests, its detections (with track ids)
+published to its subscribers.
+
+Live sources: the reader never waits; a frame not yet taken when a newer one arrives is dropped
+(counted), so lag stays bounded by the engine's pace, never by a buffer. Files: the reader
+waits for each frame to be taken, so every frame (or every fps-capped one) is processed.
+A stream takes at most STREAM_FRAMES_IN_FLIGHT frames at once, and publishes them in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+from app.config import Settings
+from app.errors import NotReady, ServiceError
+from app.metrics import StreamMetrics
+from app.postprocess import Detection
+from app.routing import Routing
+from app.service import Detector, DetectParams
+from app.streams.policy import Source
+from app.streams.sources import Frame, Reader, SourceError
+from app.streams.spec import ENDED_STATES, StreamRequest, StreamState, StreamStatus
+from app.threads import name_os_thread
+
+log = logging.getLogger("dfine.streams")
+
+RATE_WINDOW_S = 5.0
+BACKOFF_START_S = 0.5
+MAX_EVENTS_WAITING = 64  # per subscriber: a slow one loses its oldest events, never blocks
+ParamsFor = Callable[[Detector, StreamRequest], DetectParams]
+
+
+@dataclass
+class _End:
+    error: SourceError | None
+
+
+class Handoff:
+    """Frames from the reader thread to the stream's task, one at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Condition()
+        self._frame: Frame | None = None
+        self._end: _End | None = None
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def put(self, frame: Frame, wait: bool) -> Frame | bool | None:
+        """From the reader: hand ``frame`` over. ``wait`` (a file): until the previous one is
+        taken. Else it replaces a frame not taken yet, which is returned (dropped). False once
+        closed."""
+        with self._lock:
+            while wait and self._frame is not None and not self._closed:
+                self._lock.wait(0.5)
+            if self._closed:
+                return False
+            replaced, self._frame = self._frame, frame
+        self._loop.call_soon_threadsafe(self._ready.set)
+        return replaced
+
+    def end(self, error: SourceError | None) -> None:
+        with self._lock:
+            self._end = _End(error)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self._ready.set)
+
+    def close(self) -> None:
+        """No more frames are taken: a waiting reader returns."""
+        with self._lock:
+            self._closed = True
+            self._frame = None
+            self._lock.notify_all()
+
+    async def get(self) -> Frame | _End:
+        while True:
+            self._ready.clear()
+            with self._lock:
+                frame, self._frame = self._frame, None
+                if frame is not None:
+                    self._lock.notify_all()
+                    return frame
+                if self._end is not None:
+                    return self._end
+            await self._ready.wait()
+
+
+class Rate:
+    """Events a second over the last RATE_WINDOW_S (appended from any thread)."""
+
+    def __init__(self) -> None:
+        self._times: deque[float] = deque(maxlen=1024)
+
+    def tick(self, now: float) -> None:
+        self._times.append(now)
+
+    def per_second(self) -> float:
+        now = time.perf_counter()
+        recent = [t for t in list(self._times) if now - t <= RATE_WINDOW_S]
+        return round(len(recent) / RATE_WINDOW_S, 2)
+
+
+@dataclass
+class Published:
+    """One processed frame, as subscribers see it."""
+
+    frame: Frame
+    width: int
+    height: int
+    detections: list[Detection]
+    track_ids: list[int | None]
+    dropped: int  # frames dropped since the previous one published
+    lag_s: float
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "frame": self.frame.index, "timestamp_s": self.frame.timestamp_s,
+            "width": self.width, "height": self.height,
+            "detections": detections_json(self.detections, self.track_ids),
+            "dropped": self.dropped, "lag_s": round(self.lag_s, 4)}
+
+
+def detections_json(detections: list[Detection], track_ids: list[int | None]
+                    ) -> list[dict[str, Any]]:
+    return [{"label": d.label, "class_id": d.class_id, "score": d.score,
+             "box": {"x1": d.box[0], "y1": d.box[1], "x2": d.box[2], "y2": d.box[3]},
+             "track_id": track_id}
+            for d, track_id in zip(detections, track_ids, strict=True)]
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One reader of a stream's events (an SSE response): ``("frame" | "state" | "end",
+    body)``, newest kept when it falls behind."""
+
+    events: deque[tuple[str, dict[str, Any]]] = field(
+        default_factory=lambda: deque(maxlen=MAX_EVENTS_WAITING))
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, kind: str, body: dict[str, Any]) -> None:
+        self.events.append((kind, body))
+        self.ready.set()
+
+
+class Stream:
+    """A source watched until it ends, fails, or is deleted."""
+
+    def __init__(self, stream_id: str, request: StreamRequest, source: Source,
+                 settings: Settings, registry: Routing, metrics: StreamMetrics,
+                 params_for: ParamsFor, on_state: Callable[[], None]) -> None:
+        self.id, self.request, self.source = stream_id, request, source
+        self.settings, self.registry, self.metrics = settings, registry, metrics
+        self._params_for, self._on_state = params_for, on_state
+        self.state: StreamState = "connecting"
+        self.reason: str | None = None
+        self.kind: Literal["live", "file"] | None = "file" if source.kind == "file" else (
+            "live" if source.kind == "rtsp" else None)
+        self.created_at = time.time()
+        self.frames_in = self.frames_processed = self.frames_dropped = 0
+        self.frames_skipped = self.reconnects = 0
+        self.lag_s: float | None = None
+        self.model: str | None = request.model
+        self.version: int | None = request.version
+        self._rate_in, self._rate_out = Rate(), Rate()
+        self._dropped_since = 0
+        self._next_index = 0
+        self._reader: Reader | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.subscribers: set[Subscriber] = set()
+        self.previews: int = 0
+        self.latest: Published | None = None  # for the preview
+        self.latest_changed = asyncio.Event()
+        self._tracker: Any = None
+        self.source_fps: float | None = None  # the source's own frame rate, where it says
+        self._params: tuple[int, DetectParams] | None = None
+        self._label = {"stream": stream_id}
+        self._received = metrics.received.labels(stream_id)
+        self._processed = metrics.processed.labels(stream_id)
+        self._behind = metrics.dropped.labels(stream_id, "behind")
+        self._failed = metrics.dropped.labels(stream_id, "failed")
+        self._lag = metrics.lag.labels(stream_id)
+        self._up = metrics.up.labels(stream_id)
+        self._up.set(0)
+
+    # --- what is seen ---------------------------------------------------------------------
+
+    def status(self) -> StreamStatus:
+        return StreamStatus(
+            id=self.id, name=self.request.name, source=self.source.shown,
+            kind=self.kind, state=self.state, reason=self.reason,
+            model=self.model, version=self.version, tracking=self.request.tracking,
+            fps=self.request.fps, fps_in=self._rate_in.per_second(),
+            fps_out=self._rate_out.per_second(), frames_in=self.frames_in,
+            frames_processed=self.frames_processed, frames_dropped=self.frames_dropped,
+            frames_skipped=self.frames_skipped,
+            lag_s=None if self.lag_s is None else round(self.lag_s, 4),
+            reconnects=self.reconnects, created_at=round(self.created_at, 3))
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED_STATES
+
+    def _set_state(self, state: StreamState, reason: str | None = None) -> None:
+        if state == self.state and reason == self.reason:
+            return
+        self.state, self.reason = state, reason
+        self._up.set(1 if state == "running" else 0)
+        log.info("stream %s (%s): %s%s", self.id, self.source.shown, state,
+                 f": {reason}" if reason else "")
+        kind = "end" if self.ended else "state"
+        body = self.status().model_dump()
+        for subscriber in self.subscribers:
+            subscriber.push(kind, body)
+        self.latest_changed.set()
+        self._on_state()
+
+    # --- life -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"stream-{self.id}")
+
+    async def stop(self, state: StreamState = "stopped", reason: str | None = None) -> None:
+        """Stop reading and processing (frames in flight are let finish) and end."""
+        if self._reader is not None:
+            self._reader.stop()
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if not self.ended:
+            self._set_state(state, reason)
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_START_S
+        connected = False
+        try:
+            await self._wait_for_model()
+            while True:
+                error, got_frames = await self._connect_and_read(connected)
+                connected = connected or got_frames
+                if not connected:
+                    self._set_state("failed", error or "the source sent no frame")
+                    return
+                if self.kind == "file" and error is None:
+                    self._set_state("ended")
+                    return
+                if got_frames:
+                    backoff = BACKOFF_START_S
+                self._set_state("reconnecting", error or "the source ended")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.stream_reconnect_max_s)
+                self.reconnects += 1
+                self.metrics.reconnects.labels(self.id).inc()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: the stream fails, the service goes on
+            log.exception("stream %s failed", self.id)
+            self._set_state("failed", f"internal error: {type(exc).__name__}")
+
+    async def _wait_for_model(self) -> None:
+        """A stream declared in the settings starts with the service, before its model is
+        ready: it connects once the model serves (or at once, if the model is unknown: its
+        frames then fail with the reason)."""
+        while not self.registry.ready and not self.registry.failure:
+            await asyncio.sleep(0.1)
+
+    async def _connect_and_read(self, connected: bool) -> tuple[str | None, bool]:
+        """One connection: read and process frames until the source ends or breaks. Returns
+        the error (None: it ended) and whether any frame came."""
+        loop = asyncio.get_running_loop()
+        reader = self._reader = Reader(self.source, self.settings, self._next_index)
+        handoff = Handoff(loop)
+        fps_cap = self.request.fps
+        next_due: list[float] = []  # the source time the next frame is due, under the cap
+
+        def deliver(frame: Frame) -> bool:
+            self.frames_in += 1
+            self._received.inc()
+            self._rate_in.tick(frame.received)
+            if reader.finite is not None and self.kind is None:
+                self.kind = "file" if reader.finite else "live"
+            if fps_cap is not None:
+                at = frame.timestamp_s if frame.timestamp_s is not None else frame.received
+                if next_due and at < next_due[0] - 0.25 / fps_cap:
+                    self.frames_skipped += 1
+                    return True
+                next_due[:] = [max(at, next_due[0] if next_due else at) + 1 / fps_cap]
+            replaced = handoff.put(frame, wait=self.kind == "file")
+            if replaced is False:
+                return False
+            if replaced is not None:
+                self._drop_behind()
+            return True
+
+        def read() -> None:
+            name_os_thread()
+            error: SourceError | None = None
+            try:
+                reader.read(deliver)
+            except SourceError as exc:
+                error = exc
+            except Exception as exc:
+                log.exception("stream %s: reading failed", self.id)
+                error = SourceError(f"internal error: {type(exc).__name__}")
+            handoff.end(error)
+
+        threading.Thread(target=read, name=f"stream-{self.id[:8]}", daemon=True).start()
+        self._set_state("reconnecting" if connected else "connecting", self.reason)
+        try:
+            try:
+                first = await asyncio.wait_for(handoff.get(),
+                                               self.settings.stream_open_timeout_s)
+            except TimeoutError:
+                return "no frame within STREAM_OPEN_TIMEOUT_S", False
+            if isinstance(first, _End):
+                return (str(first.error) if first.error else None), False
+            self._next_index = reader.next_index
+            self.source_fps = reader.frame_rate or self.source_fps
+            self._set_state("running")
+            error = await self._process_frames(first, handoff)
+            return error, True
+        finally:
+            reader.stop()
+            handoff.close()
+            self._next_index = reader.next_index
+
+    def _drop_behind(self) -> None:
+        self.frames_dropped += 1
+        self._dropped_since += 1
+        self._behind.inc()
+
+    async def _process_frames(self, first: Frame, handoff: Handoff) -> str | None:
+        room = asyncio.Semaphore(self.settings.stream_frames_in_flight)
+        previous: asyncio.Future[None] | None = None
+        pending: set[asyncio.Task[None]] = set()
+        item: Frame | _End = first
+        try:
+            while isinstance(item, Frame):
+                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                task = asyncio.create_task(self._process(item, previous, done))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                task.add_done_callback(lambda _: room.release())
+                previous = done
+                await room.acquire()  # the handoff keeps the newest frame meanwhile
+                item = await handoff.get()
+            if pending:
+                await asyncio.wait(pending)
+            return str(item.error) if item.error else None
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def _process(self, frame: Frame, previous: asyncio.Future[None] | None,
+                       done: asyncio.Future[None]) -> None:
+        try:
+            published = await self._detect(frame)
+            if previous is not None:
+                await asyncio.shield(previous)  # published in the source's order
+            if published is not None:
+                if self.request.tracking:  # 1-8 ms a frame: off the event loop, in order
+                    published.track_ids = await asyncio.to_thread(self._track, published)
+                self._publish(published)
+        finally:
+            if not done.done():
+                done.set_result(None)
+
+    async def _detect(self, frame: Frame) -> Published | None:
+        try:
+            detector = self.registry.resolve(self.request.model, self.request.version)
+            self.model, self.version = detector.name, detector.version
+            params = self._detect_params(detector)
+            if frame.jpeg is not None:
+                if not detector.accepting:
+                    raise NotReady()
+                result = await detector.detect(frame.jpeg, params)
+            else:
+                result = await detector.detect_decoded(
+                    partial(frame.pixels, detector.pixel_format), params)
+        except ServiceError as exc:
+            self.frames_dropped += 1
+            self._dropped_since += 1
+            self._failed.inc()
+            if self.reason != exc.message:
+                self.reason = exc.message  # shown in the status while frames fail
+            return None
+        if self.reason is not None and self.state == "running":
+            self.reason = None
+        return Published(frame, result.width, result.height, result.detections, [], 0, 0.0)
+
+    def _detect_params(self, detector: Detector) -> DetectParams:
+        if self._params is None or self._params[0] != detector.serial:
+            self._params = (detector.serial, self._params_for(detector, self.request))
+        return self._params[1]
+
+    def _publish(self, published: Published) -> None:
+        if not self.request.tracking:
+            published.track_ids = [None] * len(published.detections)
+        now = time.perf_counter()
+        published.lag_s = now - published.frame.received
+        published.dropped, self._dropped_since = self._dropped_since, 0
+        self.frames_processed += 1
+        self.lag_s = published.lag_s
+        self._processed.inc()
+        self._lag.set(published.lag_s)
+        self.metrics.frame_lag.observe(published.lag_s)
+        self._rate_out.tick(now)
+        if not self.previews:
+            published.frame.video = None  # nobody draws it: its decoded pixels go now
+        self.latest = published
+        self.latest_changed.set()
+        if self.subscribers:
+            body = published.body()
+            for subscriber in self.subscribers:
+                subscriber.push("frame", body)
+
+    def _track(self, published: Published) -> list[int | None]:
+        if self._tracker is None:
+            from app.streams.tracking import Tracker  # supervision's import costs ~0.5 s
+
+            fps = self.request.fps or self.source_fps or 10.0
+            self._tracker = Tracker(fps, self._params[1].score_threshold if self._params
+                                    else self.settings.score_threshold)
+        ids: list[int | None] = self._tracker.update(published.detections)
+        return ids
