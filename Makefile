@@ -29,6 +29,8 @@ install: $(STAMP)
 # nginx as the load balancer of the scaling-out test, chromium for the web page test
 # (Playwright drives it; it cannot download its own browser here), wrk (a C load client) for
 # `dfine-serve bench --wrk` and its test. apt-get needs root, as CI has.
+# GStreamer's RTSP server, its Python bindings and plugins for the stream tests' camera (they
+# bind to Debian's /usr/bin/python3: tests/video/rtsp_server.py).
 # podman, runc and mmdebstrap build and run the images in tests/containers (docker/stand-ins.sh);
 # the dnsname plugin lets compose's services find each other by name on podman's networks.
 tools:
@@ -36,10 +38,14 @@ tools:
 	  && command -v amtool >/dev/null && command -v chromium >/dev/null \
 	  && command -v podman >/dev/null && command -v mmdebstrap >/dev/null \
 	  && PATH="$$PATH:/usr/sbin" command -v runc >/dev/null && test -x /usr/lib/cni/dnsname \
-	  && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null && command -v wrk >/dev/null || { \
+	  && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null && command -v wrk >/dev/null \
+	  && /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' 2>/dev/null \
+	  && gst-inspect-1.0 x264enc >/dev/null 2>&1 || { \
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    prometheus prometheus-alertmanager nginx chromium podman runc mmdebstrap uidmap wrk \
+	    python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-tools gstreamer1.0-plugins-base \
+	    gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly \
 	    golang-github-containernetworking-plugin-dnsname >/dev/null; }
 
 run: $(SERVE)

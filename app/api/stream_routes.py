@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import cv2
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, Query, Response, WebSocket
+from fastapi import APIRouter, Depends, Header, Query, Response, WebSocket
 from fastapi.responses import StreamingResponse
 from starlette.websockets import WebSocketDisconnect
 
@@ -46,7 +46,7 @@ STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
 def stream_params(detector: Detector, request: StreamRequest) -> DetectParams:
     """A stream's detection parameters: its own, else the model's settings (as /detect)."""
     return params_for(detector, request.score_threshold, request.max_detections,
-                      request.classes_text())
+                      request.classes_text(), dedupe_iou=request.dedupe())
 
 
 def _manager(state: StateDep) -> StreamManager:
@@ -85,22 +85,31 @@ async def delete_stream(stream_id: str, manager: Manager) -> Response:
 
 
 def _sse(kind: str, body: dict[str, Any]) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(body) + b"\n\n"
+    event_id = b"id: %d\n" % body["frame"] if kind == "frame" else b""
+    return event_id + b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(body) + b"\n\n"
 
 
 @router.get("/streams/{stream_id}/events", responses=STREAM_ERRORS,
             summary="A stream's detections, frame by frame, as Server-Sent Events",
             response_class=StreamingResponse)
-async def stream_events(stream_id: str, manager: Manager) -> StreamingResponse:
+async def stream_events(
+    stream_id: str, manager: Manager,
+    after: Annotated[int | None, Query(
+        ge=-1, description="first the kept frame events (the last 256) after this frame; -1: "
+                           "all of them")] = None,
+    last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+) -> StreamingResponse:
     """`event: frame` for each processed frame (frame number, source timestamp, detections with
     track ids, frames dropped since the previous one, lag); `event: state` on each change of
-    state; `event: end` last, once the stream has ended, failed or was deleted."""
+    state; `event: end` last, once the stream has ended, failed or was deleted. Frame events
+    carry the frame number as their id: a reader that reconnects (Last-Event-ID) misses none
+    of the last 256."""
     stream = manager.get(stream_id)
     if len(stream.subscribers) >= MAX_SUBSCRIBERS:
         raise Overloaded(f"a stream has {MAX_SUBSCRIBERS} event readers at most")
-    subscriber = Subscriber()
-    stream.subscribers.add(subscriber)
-    subscriber.push("state" if not stream.ended else "end", stream.status().model_dump())
+    if after is None and last_event_id is not None and last_event_id.strip().isdigit():
+        after = int(last_event_id)
+    subscriber = stream.subscribe(after)
     return StreamingResponse(_events(stream, subscriber), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
@@ -184,6 +193,7 @@ async def client_frames(
     max_detections: Annotated[int | None, Query(ge=1, le=300)] = None,
     classes: Annotated[str | None, Query(max_length=4096)] = None,
     tracking: bool = True,
+    dedupe_iou: Annotated[float | None, Query(ge=0, le=1)] = None,
     api_key: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> None:
     """Frames from the client (binary messages, JPEG or PNG), each answered with its
@@ -192,27 +202,30 @@ async def client_frames(
     headers = {k.lower(): v for k, v in websocket.headers.items()}
     if api_key:
         headers["x-api-key"] = api_key
+    # Refusals are close codes after the handshake, not an HTTP 403 before it: a browser
+    # sees a close code and its reason, never the status of a failed handshake.
     try:
         authorize(state.settings, headers)
     except Unauthorized:
-        await websocket.close(code=1008, reason="unauthorized")
+        await _refuse(websocket, 1008, "unauthorized: send the API key (X-API-Key, or the "
+                                       "api_key query parameter)")
         return
     metrics = state.metrics.streams
     if state.draining or state.client_sessions >= state.settings.max_client_streams:
-        await websocket.close(code=1013, reason="MAX_CLIENT_STREAMS sessions are open, or "
-                                                "the service is stopping: retry later")
+        await _refuse(websocket, 1013, "MAX_CLIENT_STREAMS sessions are open, or the service "
+                                       "is stopping: retry later")
         return
     try:
         request = StreamRequest(source="client", model=model, version=version,
                                 score_threshold=score_threshold,
                                 max_detections=max_detections,
                                 classes=classes.split(",") if classes else None,
-                                tracking=tracking)
+                                tracking=tracking, dedupe_iou=dedupe_iou)
         detector = state.registry.find(model, version)
         if detector is not None:
             stream_params(detector, request)
     except (ServiceError, ValueError) as exc:
-        await websocket.close(code=1008, reason=getattr(exc, "message", "bad parameters")[:120])
+        await _refuse(websocket, 1008, getattr(exc, "message", "bad parameters"))
         return
     await websocket.accept()
     state.client_sessions += 1
@@ -242,3 +255,8 @@ async def client_frames(
         metrics.client_sessions.dec()
     with contextlib.suppress(RuntimeError, WebSocketDisconnect):
         await websocket.close()
+
+
+async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
+    await websocket.accept()
+    await websocket.close(code=code, reason=reason[:120])  # a close reason is 123 bytes at most

@@ -25,7 +25,7 @@ from app.streams.stream import ParamsFor, detections_json
 
 Receive = Callable[[], Awaitable[bytes | str | None]]  # None: the client has gone
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-ADJUSTABLE = ("score_threshold", "max_detections", "classes")
+ADJUSTABLE = ("score_threshold", "max_detections", "classes", "dedupe_iou")
 
 
 class ClientSession:
@@ -97,7 +97,7 @@ class ClientSession:
                 {**self.request.model_dump(), **changes})
         except Exception:
             return
-        self._params = None
+        self._params = None  # rebuilt for the next frame, and the tracker's threshold with it
 
     async def _answer(self, number: int, data: bytes) -> dict[str, Any]:
         try:
@@ -130,4 +130,6 @@ class ClientSession:
     def _detect_params(self, detector: Detector) -> DetectParams:
         if self._params is None or self._params[0] != detector.serial:
             self._params = (detector.serial, self._params_for(detector, self.request))
+            if self._tracker is not None:
+                self._tracker.set_score_threshold(self._params[1].score_threshold)
         return self._params[1]

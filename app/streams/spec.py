@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 StreamState = Literal["connecting", "running", "reconnecting", "ended", "failed", "stopped"]
 ENDED_STATES = frozenset({"ended", "failed", "stopped"})
+TRACKING_DEDUPE_IOU = 0.7
 
 
 class StreamRequest(BaseModel):
@@ -29,6 +30,14 @@ class StreamRequest(BaseModel):
     classes: list[str | int] | None = Field(
         None, max_length=1000, description="class names or ids to keep")
     tracking: bool = Field(True, description="give each detection a track id (ByteTrack)")
+    dedupe_iou: float | None = Field(
+        None, ge=0, le=1, description="drop a detection that a higher-scored one of its class "
+        "overlaps by this IoU (as /detect's); default: 0.7 with tracking (a box the model "
+        "repeats would take a second track id), else the model's setting")
+
+    def dedupe(self) -> float | None:
+        return TRACKING_DEDUPE_IOU if self.dedupe_iou is None and self.tracking \
+            else self.dedupe_iou
 
     def classes_text(self) -> str | None:
         return None if self.classes is None else ",".join(str(c) for c in self.classes)

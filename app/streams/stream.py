@@ -37,6 +37,9 @@ log = logging.getLogger("dfine.streams")
 RATE_WINDOW_S = 5.0
 BACKOFF_START_S = 0.5
 MAX_EVENTS_WAITING = 64  # per subscriber: a slow one loses its oldest events, never blocks
+# Frame events kept for readers that subscribe late or come back (SSE's Last-Event-ID): a
+# file's first frames are published before a client that created the stream can subscribe.
+HISTORY_EVENTS = 256
 ParamsFor = Callable[[Detector, StreamRequest], DetectParams]
 
 
@@ -177,6 +180,7 @@ class Stream:
         self._reader: Reader | None = None
         self._task: asyncio.Task[None] | None = None
         self.subscribers: set[Subscriber] = set()
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_EVENTS)
         self.previews: int = 0
         self.latest: Published | None = None  # for the preview
         self.latest_changed = asyncio.Event()
@@ -291,11 +295,15 @@ class Stream:
             if reader.finite is not None and self.kind is None:
                 self.kind = "file" if reader.finite else "live"
             if fps_cap is not None:
+                # Frames are due on a schedule of 1/fps steps (kept, so that a source's jitter
+                # averages out), a tenth of a step early allowed; after a gap it starts again.
                 at = frame.timestamp_s if frame.timestamp_s is not None else frame.received
-                if next_due and at < next_due[0] - 0.25 / fps_cap:
+                step = 1 / fps_cap
+                if next_due and at < next_due[0] - step / 10:
                     self.frames_skipped += 1
                     return True
-                next_due[:] = [max(at, next_due[0] if next_due else at) + 1 / fps_cap]
+                due = next_due[0] + step if next_due else at + step
+                next_due[:] = [due if due > at else at + step]
             replaced = handoff.put(frame, wait=self.kind == "file")
             if replaced is False:
                 return False
@@ -420,10 +428,22 @@ class Stream:
             published.frame.video = None  # nobody draws it: its decoded pixels go now
         self.latest = published
         self.latest_changed.set()
-        if self.subscribers:
-            body = published.body()
-            for subscriber in self.subscribers:
-                subscriber.push("frame", body)
+        body = published.body()
+        self.history.append(body)
+        for subscriber in self.subscribers:
+            subscriber.push("frame", body)
+
+    def subscribe(self, after: int | None) -> Subscriber:
+        """A new reader of the stream's events: the kept frame events after frame ``after``
+        (None: none of them), then the stream's state, then what comes."""
+        subscriber = Subscriber(deque(maxlen=MAX_EVENTS_WAITING + HISTORY_EVENTS))
+        if after is not None:
+            for body in self.history:
+                if body["frame"] > after:
+                    subscriber.push("frame", body)
+        subscriber.push("end" if self.ended else "state", self.status().model_dump())
+        self.subscribers.add(subscriber)
+        return subscriber
 
     def _track(self, published: Published) -> list[int | None]:
         if self._tracker is None:
