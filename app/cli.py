@@ -145,17 +145,27 @@ def resolve_frontends(settings: Settings) -> int:
 def serve_frontend(settings: Settings) -> None:
     """A front end of FRONTENDS > 1: the HTTP and gRPC service on the supervisor's listening
     socket, its models those of the engine process (app.frontend)."""
+    from app.api.forward import STREAMS_SOCKET_NAME
     from app.engine_process import socket_path
     from app.frontend import FRONTEND_INDEX_ENV, EngineLink, RemoteRegistry
 
     index = int(os.environ.get(FRONTEND_INDEX_ENV, "0"))
     link = EngineLink(str(socket_path()), index)
+    # Front end 0 runs the streams (app.streams); the others hand /streams to it over a Unix
+    # socket beside the engine's (app.api.forward).
+    streams_socket = socket_path().parent / STREAMS_SOCKET_NAME
     app = create_app(settings, registry=lambda metrics: RemoteRegistry(
-        settings, metrics, link, settings.frontends))
-    listener = socket.socket(fileno=int(os.environ[HTTP_FD_ENV]))
+        settings, metrics, link, settings.frontends),
+        forward_streams_to=streams_socket if index else None)
+    sockets = [socket.socket(fileno=int(os.environ[HTTP_FD_ENV]))]
+    if index == 0:
+        streams_socket.unlink(missing_ok=True)  # a front end 0 that died left it
+        sockets.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        sockets[-1].bind(str(streams_socket))
+        sockets[-1].listen(64)
     server = DrainingServer(server_config(app, settings), app.state.dfine,
                             drain_timeout_s=settings.request_timeout_s + 5)
-    server.run(sockets=[listener])
+    server.run(sockets=sockets)
 
 
 def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:

@@ -46,7 +46,8 @@ from app.link.messages import (
 from app.link.slots import SlotPool
 from app.metrics import Metrics
 from app.routing import Routing, VersionStatus
-from app.service import Detector, _Row
+from app.service import Detector, _Row, stream_room
+from app.streams.manager import StreamManager
 
 log = logging.getLogger("dfine.frontend")
 
@@ -350,12 +351,20 @@ class RemoteRegistry(Routing):
         settings = self.settings
         return (sum(d.memory_bound_bytes for d in self.detectors())
                 + settings.max_slow_uploads * settings.max_upload_bytes
-                + grpc_memory_bound_bytes(settings))
+                + grpc_memory_bound_bytes(settings)
+                + StreamManager.clients_memory_bound_bytes(settings, self._tensor_bytes))
+
+    @property
+    def _tensor_bytes(self) -> int:
+        return max((d.tensor_bytes for d in self.detectors()), default=0)
 
     @property
     def service_memory_bound_bytes(self) -> int:
+        """Every front end's share, the engine process's, and the streams' (front end 0
+        runs them)."""
         engine = self._state.memory_bound_bytes if self._state is not None else 0
-        return self.frontends * self.memory_bound_bytes + engine
+        streams = StreamManager.memory_bound_bytes(self.settings, self._tensor_bytes)
+        return self.frontends * self.memory_bound_bytes + engine + streams
 
     # --- the engine's state ---------------------------------------------------------------
 
@@ -388,7 +397,9 @@ class RemoteRegistry(Routing):
         engine = cast(OnnxEngine, EngineView(view))
         # Spare slots: runs whose clients left hold theirs until their batch is over.
         spare = max(SPARE_SLOTS, view.parallel.instances * view.parallel.max_batch_size)
-        runs = RemoteRuns(self.link, view, next(self._pools), view.max_admitted + spare)
+        # Streams' frames and clients' frames take slots beyond the admitted requests' too.
+        runs = RemoteRuns(self.link, view, next(self._pools),
+                          view.max_admitted + spare + stream_room(self.settings))
         detector = Detector(engine, view.settings, metrics, view.version, runs=runs)
         detector.serial = view.serial
         detector.start()

@@ -8,6 +8,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
@@ -18,6 +19,7 @@ from app.api.admission import DETECT_PATHS, AdmissionGate
 from app.api.deps import AppState
 from app.api.errors import install_error_handlers
 from app.api.fast_detect import DetectFastPath
+from app.api.forward import ForwardStreams
 from app.api.head import HeadAsGet
 from app.api.observe import RequestObserver
 from app.api.repository_routes import router as repository_router
@@ -70,13 +72,15 @@ def _grpc_server(state: AppState) -> GrpcServer:
 
 
 def create_app(settings: Settings, engine: OnnxEngine | None = None,
-               registry: Callable[[Metrics], Routing] | None = None) -> FastAPI:
+               registry: Callable[[Metrics], Routing] | None = None,
+               forward_streams_to: Path | None = None) -> FastAPI:
     """An app serving the model repository (MODEL_REPOSITORY), ``settings.model_path``, or
     an already loaded ``engine``; or, in a front end (FRONTENDS > 1), the engine process's
     models through ``registry`` (app.frontend.RemoteRegistry).
 
     The models load and warm up in the background after startup: /healthz answers at once,
-    /readyz turns 200 when every model is ready.
+    /readyz turns 200 when every model is ready. ``forward_streams_to``: front ends 1..N-1
+    hand /streams to front end 0's socket, which runs the streams (app.api.forward).
     """
     metrics = Metrics()
     state = AppState(settings=settings, metrics=metrics,
@@ -93,7 +97,8 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None,
             await grpc_server.start()
             app.state.grpc_port = grpc_server.port
         loading = asyncio.create_task(_load(state, engine))
-        await streams.start()
+        if forward_streams_to is None:
+            await streams.start()
         yield
         state.draining = True
         await streams.stop()
@@ -135,4 +140,6 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None,
     app.add_middleware(SecurityHeaders, page=STATIC / "index.html")
     # Outermost: it sees every answer, the gate's refusals included.
     app.add_middleware(RequestObserver, metrics=metrics, known_paths=DETECT_PATHS)
+    if forward_streams_to is not None:  # outermost: front end 0 observes them, once
+        app.add_middleware(ForwardStreams, socket_path=forward_streams_to)
     return app

@@ -366,9 +366,10 @@ class StreamMetrics:
         for state in STREAM_STATES:
             self.by_state.labels(state).set(states.count(state))
 
-    def forget(self, stream: str) -> None:
-        """A deleted stream's gauges go."""
-        for gauge in (self.lag, self.up):
+    def forget(self, stream: str, lag: bool = True) -> None:
+        """A deleted stream's gauges go (one that ended or was stopped: its up gauge, which
+        DfineStreamDown watches)."""
+        for gauge in (self.lag, self.up) if lag else (self.up,):
             if self._root.multiprocess_dir is None:
                 with contextlib.suppress(KeyError):
                     gauge.remove(stream)

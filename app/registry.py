@@ -40,6 +40,7 @@ from app.model_repository import (
 )
 from app.routing import Routing, State, VersionStatus
 from app.service import Detector
+from app.streams.manager import StreamManager
 from app.trim import libc_trim
 
 log = logging.getLogger("dfine.models")
@@ -149,8 +150,11 @@ class ModelRegistry(Routing):
         settings = self.settings
         # gRPC messages being received (admitted ones hold places, counted per version).
         grpc_messages = grpc_memory_bound_bytes(settings)
+        tensor = max((d.tensor_bytes for d in self.detectors()), default=0)
         return (sum(d.memory_bound_bytes for d in self.detectors())
-                + settings.max_slow_uploads * settings.max_upload_bytes + grpc_messages)
+                + settings.max_slow_uploads * settings.max_upload_bytes + grpc_messages
+                + StreamManager.memory_bound_bytes(settings, tensor)
+                + StreamManager.clients_memory_bound_bytes(settings, tensor))
 
     # --- changes -------------------------------------------------------------------------
 

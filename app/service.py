@@ -220,6 +220,11 @@ class Detector:
         self._renders = 0
 
     @property
+    def tensor_bytes(self) -> int:
+        """One model-ready image."""
+        return 3 * self.engine.info.input_width * self.engine.info.input_height * 4
+
+    @property
     def memory_bound_bytes(self) -> int:
         """The most that this version's requests can hold at once, runtime and model aside:
         every admitted request's upload, a full decode (and its resized copy) in each decode

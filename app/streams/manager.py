@@ -35,6 +35,13 @@ class StreamManager:
         self._stopping = False
 
     @staticmethod
+    def clients_memory_bound_bytes(settings: Settings, tensor_bytes: int) -> int:
+        """What clients' WebSocket sessions hold at once: each a frame processed and one
+        waiting (encoded), and a model-ready tensor queued; their decoding is a decode
+        worker's, counted with the model's."""
+        return settings.max_client_streams * (2 * settings.stream_max_frame_bytes + tensor_bytes)
+
+    @staticmethod
     def memory_bound_bytes(settings: Settings, tensor_bytes: int) -> int:
         """The most the streams hold at once: per stream, its frames in flight (a decoded
         frame and its model-ready tensor each), what FFmpeg holds (DECODER_FRAMES frames in

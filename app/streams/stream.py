@@ -218,7 +218,10 @@ class Stream:
         if state == self.state and reason == self.reason:
             return
         self.state, self.reason = state, reason
-        self._up.set(1 if state == "running" else 0)
+        if state in ("ended", "stopped"):  # not down: its up series goes (no alert for it)
+            self.metrics.forget(self.id, lag=False)
+        else:
+            self._up.set(1 if state == "running" else 0)
         log.info("stream %s (%s): %s%s", self.id, self.source.shown, state,
                  f": {reason}" if reason else "")
         kind = "end" if self.ended else "state"
