@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
 
         bench_swap(argv[1:])
         return
+    if argv[:1] == ["bench-streams"]:
+        from app.bench.streams import main as bench_streams
+
+        bench_streams(argv[1:])
+        return
     if argv[:1] == ["eval"]:
         from app.bench.evaluate import main as evaluate
 

@@ -315,6 +315,9 @@ TOOLS_EPILOG = """tools:
                           (dfine-serve bench --help)
   dfine-serve bench-swap  a new model version rolled in under load: errors, time to serve
                           it, p99 during the swap (dfine-serve bench-swap --help)
+  dfine-serve bench-streams
+                          live camera streams: how many the model keeps up with, lag,
+                          CPU per frame (dfine-serve bench-streams --help)
   dfine-serve eval ...    COCO AP of a running service or of a model in-process
                           (dfine-serve eval --help)
   dfine-serve inspect ... what the engine hands onnxruntime for a bucket, and what it makes

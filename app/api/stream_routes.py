@@ -26,7 +26,7 @@ from app.service import Detector, DetectParams
 from app.streams.client import ClientSession
 from app.streams.manager import StreamManager
 from app.streams.spec import StreamList, StreamRequest, StreamStatus
-from app.streams.stream import Published, Stream, Subscriber
+from app.streams.stream import Published, Stream
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["streams"])
 socket_router = APIRouter()  # WebSockets: the key is checked by the route (a query may carry it)
@@ -109,12 +109,14 @@ async def stream_events(
         raise Overloaded(f"a stream has {MAX_SUBSCRIBERS} event readers at most")
     if after is None and last_event_id is not None and last_event_id.strip().isdigit():
         after = int(last_event_id)
-    subscriber = stream.subscribe(after)
-    return StreamingResponse(_events(stream, subscriber), media_type="text/event-stream",
+    return StreamingResponse(_events(stream, after), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-async def _events(stream: Stream, subscriber: Subscriber) -> AsyncIterator[bytes]:
+async def _events(stream: Stream, after: int | None) -> AsyncIterator[bytes]:
+    # Subscribed here, not in the route: a response never sent runs none of its generator,
+    # and a subscriber taken before it would never be given back.
+    subscriber = stream.subscribe(after)
     try:
         while True:
             if not subscriber.events:
@@ -140,13 +142,13 @@ async def stream_preview(stream_id: str, manager: Manager) -> StreamingResponse:
     stream = manager.get(stream_id)
     if stream.previews >= MAX_PREVIEWS:
         raise Overloaded(f"a stream has {MAX_PREVIEWS} preview readers at most")
-    stream.previews += 1
     return StreamingResponse(_preview(stream), media_type="multipart/x-mixed-replace; "
                              "boundary=frame", headers={"Cache-Control": "no-store"})
 
 
 async def _preview(stream: Stream) -> AsyncIterator[bytes]:
     shown: Published | None = None
+    stream.previews += 1  # here, as _events subscribes
     try:
         while not stream.ended:
             latest = stream.latest

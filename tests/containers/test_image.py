@@ -160,5 +160,8 @@ def test_the_gpu_images_dependencies_resolve(engine: Engine) -> None:
     names = {item["metadata"]["name"].lower() for item in resolved["install"]}
     assert {"onnxruntime-gpu", "nvidia-ml-py", "fastapi", "grpcio"} <= names
     assert any(n.startswith("nvidia-cudnn") for n in names)  # the [cudnn] extra resolved
+    # The tracker's packages bring neither a second OpenCV (both own the cv2 module) nor torch.
+    assert {"av", "trackers", "supervision"} <= names
+    assert not names & {"opencv-python", "torch"}, names
     report(f"GPU image: {len(names)} packages resolve")
 
