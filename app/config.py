@@ -165,8 +165,10 @@ class Settings(BaseSettings):
         16, ge=0, le=1024, description="clients sending frames over WebSocket "
         "(/streams/client) at once, at most")
     stream_frames_in_flight: int = Field(
-        2, ge=1, le=16, description="a stream's frames decoding, queued or running at once, at "
-        "most: what bounds the share of the batcher one stream takes")
+        1, ge=1, le=16, description="a stream's frames decoding, queued or running at once, at "
+        "most: what bounds the share of the batcher one stream takes, and the lag when the "
+        "engine is behind (about streams x this / frames a second); 2 overlaps a file's "
+        "decoding with its runs on a GPU")
     stream_max_pixels: int = Field(
         1920 * 1080, ge=1, description="a stream's frame width x height, at most (larger: "
         "failed)")

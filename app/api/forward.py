@@ -23,8 +23,10 @@ HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgra
 
 
 def is_streams_path(scope: Scope) -> bool:
+    if scope["type"] != "http":  # lifespan and WebSocket scopes pass (the latter served here)
+        return False
     path: str = scope["path"]
-    return scope["type"] == "http" and (path == "/streams" or path.startswith("/streams/"))
+    return path == "/streams" or path.startswith("/streams/")
 
 
 class ForwardStreams:
