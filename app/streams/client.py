@@ -36,7 +36,7 @@ class ClientSession:
         self._waiting: tuple[int, bytes] | None = None
         self._arrived = asyncio.Event()
         self._received = 0
-        self._dropped_since = 0
+        self._last_answered = 0  # the frame number answered last
         self.dropped_total = 0
         self._gone = False
         self._tracker: Any = None
@@ -81,7 +81,6 @@ class ClientSession:
                 continue
             self._received += 1
             if self._waiting is not None:  # a newer frame wins
-                self._dropped_since += 1
                 self.dropped_total += 1
                 self._dropped.inc()
             self._waiting = (self._received, message)
@@ -110,6 +109,7 @@ class ClientSession:
             result = await detector.detect(data, self._detect_params(detector))
         except ServiceError as exc:
             self._failed.inc()
+            self._last_answered = number
             return {"frame": number, "error": {"code": exc.code, "message": exc.message}}
         del data
         track_ids: list[int | None] = [None] * len(result.detections)
@@ -120,7 +120,9 @@ class ClientSession:
                 self._tracker = Tracker(10.0, self._detect_params(detector).score_threshold)
             track_ids = await asyncio.to_thread(self._tracker.update, result.detections)
         self._processed.inc()
-        dropped, self._dropped_since = self._dropped_since, 0
+        # The frames between this one and the one answered before were dropped (a frame that
+        # failed was answered, with its error).
+        dropped, self._last_answered = number - self._last_answered - 1, number
         return {"frame": number, "model": detector.name, "version": detector.version,
                 "width": result.width, "height": result.height,
                 "detections": detections_json(result.detections, track_ids),

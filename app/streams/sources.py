@@ -59,6 +59,7 @@ class Frame:
     height: int
     jpeg: bytes | None = None
     video: av.VideoFrame | None = None
+    skipped: int = 0  # the stream's frames skipped by its fps cap before this one
 
     def pixels(self, pixel_format: PixelFormat) -> npt.NDArray[np.uint8]:
         assert self.video is not None

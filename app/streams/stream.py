@@ -169,13 +169,15 @@ class Stream:
         self.kind: Literal["live", "file"] | None = "file" if source.kind == "file" else (
             "live" if source.kind == "rtsp" else None)
         self.created_at = time.time()
-        self.frames_in = self.frames_processed = self.frames_dropped = 0
+        self.frames_in = self.frames_processed = self.frames_behind = self.frames_failed = 0
         self.frames_skipped = self.reconnects = 0
         self.lag_s: float | None = None
         self.model: str | None = request.model
         self.version: int | None = request.version
         self._rate_in, self._rate_out = Rate(), Rate()
-        self._dropped_since = 0
+        # The frame published last, and the frames skipped by the fps cap until then: an
+        # event's ``dropped`` is the frames between it and the one before, less the skipped.
+        self._last_published: tuple[int, int] = (-1, 0)
         self._next_index = 0
         self._reader: Reader | None = None
         self._task: asyncio.Task[None] | None = None
@@ -205,7 +207,8 @@ class Stream:
             model=self.model, version=self.version, tracking=self.request.tracking,
             fps=self.request.fps, fps_in=self._rate_in.per_second(),
             fps_out=self._rate_out.per_second(), frames_in=self.frames_in,
-            frames_processed=self.frames_processed, frames_dropped=self.frames_dropped,
+            frames_processed=self.frames_processed,
+            frames_dropped=self.frames_behind + self.frames_failed,
             frames_skipped=self.frames_skipped,
             lag_s=None if self.lag_s is None else round(self.lag_s, 4),
             reconnects=self.reconnects, created_at=round(self.created_at, 3))
@@ -297,6 +300,7 @@ class Stream:
             self._rate_in.tick(frame.received)
             if reader.finite is not None and self.kind is None:
                 self.kind = "file" if reader.finite else "live"
+            frame.skipped = self.frames_skipped
             if fps_cap is not None:
                 # Frames are due on a schedule of 1/fps steps (kept, so that a source's jitter
                 # averages out), a tenth of a step early allowed; after a gap it starts again.
@@ -346,9 +350,8 @@ class Stream:
             handoff.close()
             self._next_index = reader.next_index
 
-    def _drop_behind(self) -> None:
-        self.frames_dropped += 1
-        self._dropped_since += 1
+    def _drop_behind(self) -> None:  # in the reader's thread: its own counter
+        self.frames_behind += 1
         self._behind.inc()
 
     async def _process_frames(self, first: Frame, handoff: Handoff) -> str | None:
@@ -400,8 +403,7 @@ class Stream:
                 result = await detector.detect_decoded(
                     partial(frame.pixels, detector.pixel_format), params)
         except ServiceError as exc:
-            self.frames_dropped += 1
-            self._dropped_since += 1
+            self.frames_failed += 1
             self._failed.inc()
             if self.reason != exc.message:
                 self.reason = exc.message  # shown in the status while frames fail
@@ -420,7 +422,10 @@ class Stream:
             published.track_ids = [None] * len(published.detections)
         now = time.perf_counter()
         published.lag_s = now - published.frame.received
-        published.dropped, self._dropped_since = self._dropped_since, 0
+        frame = published.frame
+        index, skipped = self._last_published
+        published.dropped = frame.index - index - 1 - (frame.skipped - skipped)
+        self._last_published = (frame.index, frame.skipped)
         self.frames_processed += 1
         self.lag_s = published.lag_s
         self._processed.inc()
