@@ -51,6 +51,10 @@ class DrainingServer(uvicorn.Server):
     async def _drain(self) -> None:
         self.state.draining = True
         log.info("draining: refusing new requests, finishing admitted ones")
+        if self.state.streams is not None:
+            # First: their readers' event and preview responses end (with an `end` event),
+            # which uvicorn would otherwise wait for without end.
+            await self.state.streams.stop()
         await self.state.registry.drain(self.drain_timeout_s)
         self.should_exit = True
 

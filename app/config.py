@@ -223,6 +223,29 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field(
         "text", description="text, or json: one JSON object a line, access log included")
 
+    @field_validator("streams")
+    @classmethod
+    def _valid_streams(cls, value: str) -> str:
+        if value.strip():
+            from app.streams.spec import DECLARED
+
+            DECLARED.validate_json(value)  # its ValidationError says which stream and field
+        return value
+
+    @field_validator("stream_sources")
+    @classmethod
+    def _valid_stream_sources(cls, value: str) -> str:
+        import ipaddress
+
+        for item in (part.strip() for part in value.split(",")):
+            if item and "://" not in item:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is neither a URL prefix (scheme://host/...) "
+                                     "nor a network (10.0.0.0/8, 192.168.1.7)") from None
+        return value
+
     @field_validator("providers")
     @classmethod
     def _known_providers(cls, value: str) -> str:

@@ -82,7 +82,8 @@ class DetectResult:
 def stream_room(settings: Settings) -> int:
     """Images of streams and clients' frames that may be in the batcher at once, beside the
     admitted requests: each stream's STREAM_FRAMES_IN_FLIGHT, each client's one."""
-    return settings.max_streams * settings.stream_frames_in_flight + settings.max_client_streams
+    return (settings.max_streams * settings.stream_frames_in_flight
+            + settings.max_client_streams * max(1, settings.frontends))  # per front end
 
 
 class Place(Protocol):

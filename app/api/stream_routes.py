@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import cv2
@@ -105,12 +106,39 @@ async def stream_events(
     carry the frame number as their id: a reader that reconnects (Last-Event-ID) misses none
     of the last 256."""
     stream = manager.get(stream_id)
-    if len(stream.subscribers) >= MAX_SUBSCRIBERS:
+    if stream.event_readers >= MAX_SUBSCRIBERS:
         raise Overloaded(f"a stream has {MAX_SUBSCRIBERS} event readers at most")
     if after is None and last_event_id is not None and last_event_id.strip().isdigit():
         after = int(last_event_id)
-    return StreamingResponse(_events(stream, after), media_type="text/event-stream",
+    stream.event_readers += 1
+    body = _held(_events(stream, after), lambda: setattr(
+        stream, "event_readers", stream.event_readers - 1))
+    return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+def _held(body: AsyncIterator[bytes], release: Callable[[], object]) -> AsyncIterator[bytes]:
+    """``body``, whose reader's place (taken by the route, so that concurrent requests cannot
+    pass the bound) is given back once: when it ends, or when it is dropped unsent (a client
+    gone before the response started runs none of it)."""
+    given_back = False
+
+    def give_back() -> None:
+        nonlocal given_back
+        if not given_back:
+            given_back = True
+            release()
+
+    async def iterate() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            give_back()
+
+    wrapped = iterate()
+    weakref.finalize(wrapped, give_back)
+    return wrapped
 
 
 async def _events(stream: Stream, after: int | None) -> AsyncIterator[bytes]:
@@ -142,30 +170,28 @@ async def stream_preview(stream_id: str, manager: Manager) -> StreamingResponse:
     stream = manager.get(stream_id)
     if stream.previews >= MAX_PREVIEWS:
         raise Overloaded(f"a stream has {MAX_PREVIEWS} preview readers at most")
-    return StreamingResponse(_preview(stream), media_type="multipart/x-mixed-replace; "
+    stream.previews += 1
+    body = _held(_preview(stream), lambda: setattr(stream, "previews", stream.previews - 1))
+    return StreamingResponse(body, media_type="multipart/x-mixed-replace; "
                              "boundary=frame", headers={"Cache-Control": "no-store"})
 
 
 async def _preview(stream: Stream) -> AsyncIterator[bytes]:
     shown: Published | None = None
-    stream.previews += 1  # here, as _events subscribes
-    try:
-        while not stream.ended:
-            latest = stream.latest
-            if latest is None or latest is shown or (latest.frame.video is None
-                                                     and latest.frame.jpeg is None):
-                stream.latest_changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stream.latest_changed.wait(), HEARTBEAT_S)
-                continue
-            shown = latest
-            started = time.perf_counter()
-            jpeg = await asyncio.to_thread(_draw, latest)
-            yield (b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
-                   + str(len(jpeg)).encode() + b"\r\n\r\n" + jpeg + b"\r\n")
-            await asyncio.sleep(max(0.0, 1 / PREVIEW_FPS - (time.perf_counter() - started)))
-    finally:
-        stream.previews -= 1
+    while not stream.ended:
+        latest = stream.latest
+        if latest is None or latest is shown or (latest.frame.video is None
+                                                 and latest.frame.jpeg is None):
+            stream.latest_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stream.latest_changed.wait(), HEARTBEAT_S)
+            continue
+        shown = latest
+        started = time.perf_counter()
+        jpeg = await asyncio.to_thread(_draw, latest)
+        yield (b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+               + str(len(jpeg)).encode() + b"\r\n\r\n" + jpeg + b"\r\n")
+        await asyncio.sleep(max(0.0, 1 / PREVIEW_FPS - (time.perf_counter() - started)))
 
 
 def _draw(published: Published) -> bytes:
@@ -229,9 +255,14 @@ async def client_frames(
     except (ServiceError, ValueError) as exc:
         await _refuse(websocket, 1008, getattr(exc, "message", "bad parameters"))
         return
-    await websocket.accept()
-    state.client_sessions += 1
+    state.client_sessions += 1  # before the accept's await: concurrent handshakes see it
     metrics.client_sessions.inc()
+    try:
+        await websocket.accept()
+    except BaseException:
+        state.client_sessions -= 1
+        metrics.client_sessions.dec()
+        raise
     session = ClientSession(request, state.registry, metrics, stream_params,
                             state.settings.stream_max_frame_bytes)
 

@@ -14,11 +14,12 @@ from app.metrics import StreamMetrics
 from app.routing import Routing
 from app.streams.policy import SourcePolicy
 from app.streams.spec import DECLARED, StreamRequest
-from app.streams.stream import ParamsFor, Stream
+from app.streams.stream import READERS, ParamsFor, Stream
 
 log = logging.getLogger("dfine.streams")
 
-KEEP_ENDED = 64  # ended, failed and stopped streams kept for their status, the oldest forgotten
+KEEP_ENDED = 16  # ended, failed and stopped streams kept for their status, the oldest forgotten
+HISTORY_BYTES = 2_000_000  # a stream's kept events at most (HISTORY_DETECTIONS, 1.5 MB) and more
 # What FFmpeg holds for one stream, in frames of its size beside the frames in flight: the
 # decoder's reference frames (H.264 allows 16) and its threads' frames, and the newest frame
 # waiting in the handoff and the one drawn for the preview.
@@ -50,22 +51,23 @@ class StreamManager:
         per_stream = (settings.stream_frames_in_flight * (frame_rgb + tensor_bytes)
                       + DECODER_FRAMES * settings.stream_max_pixels * 3 // 2
                       + 2 * settings.stream_max_frame_bytes + 5_000_000)
-        return settings.max_streams * per_stream
+        return settings.max_streams * per_stream + (settings.max_streams + KEEP_ENDED) \
+            * HISTORY_BYTES
 
     async def start(self) -> None:
         """Start the streams STREAMS declares; one that cannot start is logged and left out."""
         if not self.settings.streams.strip():
             return
-        for request in DECLARED.validate_json(self.settings.streams):
+        for request in DECLARED.validate_json(self.settings.streams):  # checked by Settings
             try:
-                stream = await self.create(request)
+                stream = await self.create(request, persistent=True)
             except ServiceError as exc:
                 log.error("the stream %s declared in STREAMS cannot start: %s",
                           request.source, exc.message)
             else:
                 log.info("stream %s declared in STREAMS: %s", stream.id, stream.source.shown)
 
-    async def create(self, request: StreamRequest) -> Stream:
+    async def create(self, request: StreamRequest, persistent: bool = False) -> Stream:
         if self._stopping:
             raise Overloaded("the service is stopping")
         # The policy may resolve a host name (to match it against allowed networks): off the
@@ -77,9 +79,12 @@ class StreamManager:
         if active >= self.settings.max_streams:
             raise Overloaded(f"MAX_STREAMS ({self.settings.max_streams}) streams run already: "
                              "delete one first", retry_after_s=30)
+        if READERS.alive >= 2 * self.settings.max_streams:
+            raise Overloaded("streams deleted lately are still closing their sources (up to "
+                             "STREAM_READ_TIMEOUT_S): retry in a few seconds", retry_after_s=5)
         stream_id = secrets.token_hex(6)
         stream = Stream(stream_id, request, source, self.settings, self.registry,
-                        self.metrics, self._params_for, self._count_states)
+                        self.metrics, self._params_for, self._count_states, persistent)
         self._streams[stream_id] = stream
         self._forget_old()
         stream.start()

@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from app.config import Settings
 from app.errors import Forbidden, InvalidRequest
@@ -72,6 +72,9 @@ class SourcePolicy:
         if "://" not in text:
             return self._file(text)
         url = _split(text)
+        if any(unquote(segment) in (".", "..") for segment in url.path.split("/")):
+            raise InvalidRequest("a source URL's path may not have . or .. segments (a server "
+                                 "would resolve them outside the allowed prefix)")
         shown = redact(url)
         host, port = _host(url), _port(url)
         if any(p.scheme == url.scheme and p.host == host and p.port == port
@@ -81,8 +84,9 @@ class SourcePolicy:
             addresses = _resolve(host, port)
             if addresses and all(any(a in n for n in self.networks) for a in addresses):
                 # Opened at the address that was checked, so that a second lookup cannot lead
-                # elsewhere (TLS needs the name: https and rtsps keep it, and resolve again).
-                if url.scheme in ("http", "rtsp"):
+                # elsewhere (HTTPS too: the service's client sends the name for TLS and Host;
+                # rtsps, through FFmpeg, keeps the name and resolves it again).
+                if url.scheme != "rtsps":
                     return Source(_kind(url), _pin(url, addresses[0]), shown, host)
                 return Source(_kind(url), text, shown, host)
         raise SourceRefused(f"the source {shown} is not allowed: STREAM_SOURCES lists the URL "

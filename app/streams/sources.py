@@ -104,7 +104,9 @@ class Reader:
                 raise
         except (OSError, av.FFmpegError, h11.ProtocolError, ValueError) as exc:
             if not self.stopped:
-                raise SourceError(_reason(exc)) from exc
+                # FFmpeg's errors quote the URL it was given, credentials and all.
+                reason = _reason(exc).replace(self.source.target, self.source.shown)
+                raise SourceError(reason) from exc
 
     # --- FFmpeg ---------------------------------------------------------------------------
 
@@ -123,6 +125,9 @@ class Reader:
                 raise SourceError("the source has no video")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            # The decoder refuses a larger frame before allocating it (a stream may change size
+            # midway: the first frame's size, checked below, says nothing of later ones).
+            stream.codec_context.options = {"max_pixels": str(settings.stream_max_pixels)}
             rate = stream.average_rate or stream.guessed_rate
             self.frame_rate = float(rate) if rate else None
             self._check_size(stream.codec_context.width, stream.codec_context.height)

@@ -40,6 +40,26 @@ MAX_EVENTS_WAITING = 64  # per subscriber: a slow one loses its oldest events, n
 # Frame events kept for readers that subscribe late or come back (SSE's Last-Event-ID): a
 # file's first frames are published before a client that created the stream can subscribe.
 HISTORY_EVENTS = 256
+HISTORY_DETECTIONS = 8192  # and at most this many detections in them (about 1.5 MB)
+# A live source's frames are read at most this fast (a faster one waits on its socket): a
+# source sending tiny frames as fast as it can would otherwise cost a core to parse.
+MAX_INTAKE_FPS = 120.0
+
+
+class _Readers:
+    """Reader threads alive, the service's: one of a deleted stream may wait out its read
+    timeout before it ends, and those are bounded too (``StreamManager.create``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.alive = 0
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self.alive += count
+
+
+READERS = _Readers()
 ParamsFor = Callable[[Detector, StreamRequest], DetectParams]
 
 
@@ -69,7 +89,8 @@ class Handoff:
             if self._closed:
                 return False
             replaced, self._frame = self._frame, frame
-        self._loop.call_soon_threadsafe(self._ready.set)
+        if replaced is None:  # else the loop was woken for the frame replaced, and not yet ran
+            self._loop.call_soon_threadsafe(self._ready.set)
         return replaced
 
     def end(self, error: SourceError | None) -> None:
@@ -99,18 +120,24 @@ class Handoff:
 
 
 class Rate:
-    """Events a second over the last RATE_WINDOW_S (appended from any thread)."""
+    """Events a second over the last RATE_WINDOW_S whole seconds, counted in one-second
+    buckets (ticked from one thread, read from another: a dict's copy is atomic)."""
 
     def __init__(self) -> None:
-        self._times: deque[float] = deque(maxlen=1024)
+        self._counts: dict[int, int] = {}
 
     def tick(self, now: float) -> None:
-        self._times.append(now)
+        second = int(now)
+        self._counts[second] = self._counts.get(second, 0) + 1
+        if len(self._counts) > RATE_WINDOW_S + 2:
+            for old in [k for k in self._counts if k < second - RATE_WINDOW_S - 1]:
+                del self._counts[old]
 
     def per_second(self) -> float:
-        now = time.perf_counter()
-        recent = [t for t in list(self._times) if now - t <= RATE_WINDOW_S]
-        return round(len(recent) / RATE_WINDOW_S, 2)
+        second = int(time.perf_counter())
+        counts = dict(self._counts)
+        window = range(second - int(RATE_WINDOW_S), second)
+        return round(sum(counts.get(k, 0) for k in window) / RATE_WINDOW_S, 2)
 
 
 @dataclass
@@ -160,8 +187,12 @@ class Stream:
 
     def __init__(self, stream_id: str, request: StreamRequest, source: Source,
                  settings: Settings, registry: Routing, metrics: StreamMetrics,
-                 params_for: ParamsFor, on_state: Callable[[], None]) -> None:
+                 params_for: ParamsFor, on_state: Callable[[], None],
+                 persistent: bool = False) -> None:
         self.id, self.request, self.source = stream_id, request, source
+        # Declared in STREAMS: a camera still booting when the service starts is retried,
+        # not failed.
+        self.persistent = persistent
         self.settings, self.registry, self.metrics = settings, registry, metrics
         self._params_for, self._on_state = params_for, on_state
         self.state: StreamState = "connecting"
@@ -182,8 +213,10 @@ class Stream:
         self._reader: Reader | None = None
         self._task: asyncio.Task[None] | None = None
         self.subscribers: set[Subscriber] = set()
-        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_EVENTS)
-        self.previews: int = 0
+        self.history: deque[dict[str, Any]] = deque()
+        self._history_detections = 0
+        self.previews = 0  # preview readers (app.api.stream_routes)
+        self.event_readers = 0
         self.latest: Published | None = None  # for the preview
         self.latest_changed = asyncio.Event()
         self._tracker: Any = None
@@ -231,6 +264,8 @@ class Stream:
         body = self.status().model_dump()
         for subscriber in self.subscribers:
             subscriber.push(kind, body)
+        if self.ended:
+            self.latest = None  # its frame goes (previews end with the stream)
         self.latest_changed.set()
         self._on_state()
 
@@ -259,11 +294,14 @@ class Stream:
             while True:
                 error, got_frames = await self._connect_and_read(connected)
                 connected = connected or got_frames
-                if not connected:
+                if not connected and not self.persistent:
                     self._set_state("failed", error or "the source sent no frame")
                     return
-                if self.kind == "file" and error is None:
-                    self._set_state("ended")
+                if self.kind == "file":  # read to its end, or broken: not read again
+                    if error is None:
+                        self._set_state("ended")
+                    else:
+                        self._set_state("failed", error)
                     return
                 if got_frames:
                     backoff = BACKOFF_START_S
@@ -322,14 +360,27 @@ class Stream:
             name_os_thread()
             error: SourceError | None = None
             try:
-                reader.read(deliver)
+                reader.read(paced)
             except SourceError as exc:
                 error = exc
             except Exception as exc:
                 log.exception("stream %s: reading failed", self.id)
                 error = SourceError(f"internal error: {type(exc).__name__}")
+            finally:
+                READERS.add(-1)
             handoff.end(error)
 
+        last_read = [0.0]
+
+        def paced(frame: Frame) -> bool:
+            if self.kind != "file":
+                wait = last_read[0] + 1 / MAX_INTAKE_FPS - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                last_read[0] = time.perf_counter()
+            return deliver(frame)
+
+        READERS.add(1)
         threading.Thread(target=read, name=f"stream-{self.id[:8]}", daemon=True).start()
         self._set_state("reconnecting" if connected else "connecting", self.reason)
         try:
@@ -355,10 +406,15 @@ class Stream:
         self._behind.inc()
 
     async def _process_frames(self, first: Frame, handoff: Handoff) -> str | None:
+        """Process frames until the source ends or breaks (its error), or is silent for
+        STREAM_READ_TIMEOUT_S (a source that trickles bytes and no frame: each read of it
+        may still come within its timeout)."""
         room = asyncio.Semaphore(self.settings.stream_frames_in_flight)
         previous: asyncio.Future[None] | None = None
         pending: set[asyncio.Task[None]] = set()
         item: Frame | _End = first
+        silent_s = self.settings.stream_read_timeout_s
+        await room.acquire()
         try:
             while isinstance(item, Frame):
                 done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -368,7 +424,15 @@ class Stream:
                 task.add_done_callback(lambda _: room.release())
                 previous = done
                 await room.acquire()  # the handoff keeps the newest frame meanwhile
-                item = await handoff.get()
+                try:
+                    item = await asyncio.wait_for(handoff.get(), silent_s)
+                except TimeoutError:
+                    room.release()
+                    if pending:
+                        await asyncio.wait(pending)
+                    return f"no frame for {silent_s:g} s (STREAM_READ_TIMEOUT_S)"
+                if isinstance(item, _End):
+                    room.release()
             if pending:
                 await asyncio.wait(pending)
             return str(item.error) if item.error else None
@@ -437,9 +501,16 @@ class Stream:
         self.latest = published
         self.latest_changed.set()
         body = published.body()
-        self.history.append(body)
+        self._keep(body)
         for subscriber in self.subscribers:
             subscriber.push("frame", body)
+
+    def _keep(self, body: dict[str, Any]) -> None:
+        self.history.append(body)
+        self._history_detections += len(body["detections"])
+        while len(self.history) > HISTORY_EVENTS or (
+                self._history_detections > HISTORY_DETECTIONS and len(self.history) > 1):
+            self._history_detections -= len(self.history.popleft()["detections"])
 
     def subscribe(self, after: int | None) -> Subscriber:
         """A new reader of the stream's events: the kept frame events after frame ``after``

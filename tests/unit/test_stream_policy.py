@@ -87,5 +87,17 @@ def test_files_only_under_the_video_dir(tmp_path: Path) -> None:
 
 
 def test_a_bad_allowed_list_stops_the_start() -> None:
-    with pytest.raises(ValueError, match="STREAM_SOURCES"):
+    with pytest.raises(ValueError, match="neither a URL prefix"):
         policy("cam1.lan")
+
+
+@pytest.mark.parametrize("url", ["http://cam.lan/cam1/../admin/reboot",
+                                 "http://cam.lan/cam1/%2e%2e/admin", "rtsp://cam.lan/cam1/./x"])
+def test_dot_segments_cannot_climb_out_of_a_prefix(url: str) -> None:
+    with pytest.raises(InvalidRequest, match="segments"):
+        policy("http://cam.lan/cam1/, rtsp://cam.lan/cam1/").check(url)
+
+
+def test_https_allowed_by_network_is_pinned_to_the_checked_address() -> None:
+    source = policy("127.0.0.0/8").check("https://localhost:8443/a.mjpg")
+    assert source.target == "https://127.0.0.1:8443/a.mjpg" and source.host == "localhost"
