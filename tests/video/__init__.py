@@ -1,0 +1,1 @@
+"""Video sources for the stream tests: a synthetic scene with known paths, files, RTSP, MJPEG."""
