@@ -115,10 +115,12 @@ class ClientSession:
         track_ids: list[int | None] = [None] * len(result.detections)
         if self.request.tracking:
             if self._tracker is None:
-                from app.streams.tracking import Tracker  # supervision's import costs ~0.5 s
+                from app.streams.tracking import tracker_or_none
 
-                self._tracker = Tracker(10.0, self._detect_params(detector).score_threshold)
-            track_ids = await asyncio.to_thread(self._tracker.update, result.detections)
+                self._tracker = tracker_or_none(
+                    10.0, self._detect_params(detector).score_threshold) or False
+            if self._tracker is not False:
+                track_ids = await asyncio.to_thread(self._tracker.update, result.detections)
         self._processed.inc()
         # The frames between this one and the one answered before were dropped (a frame that
         # failed was answered, with its error).

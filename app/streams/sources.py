@@ -14,15 +14,14 @@ import base64
 import contextlib
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import unquote, urlsplit
 
-import av
-import h11
 import numpy as np
 import numpy.typing as npt
 
@@ -31,6 +30,11 @@ from app.errors import ServiceError
 from app.imaging import check_header
 from app.streams.policy import Source
 
+if TYPE_CHECKING:
+    import av
+
+# PyAV and h11 are imported where a source needs them: a service that watches no video
+# loads neither (the GPU check's kit carries neither).
 PixelFormat = Literal["rgb24", "bgr24"]
 # Demuxers FFmpeg may pick: none that opens other files or URLs named in the data (HLS, DASH,
 # concat, SDP, image2), so that a source cannot lead FFmpeg anywhere STREAM_SOURCES does not.
@@ -58,7 +62,7 @@ class Frame:
     width: int
     height: int
     jpeg: bytes | None = None
-    video: av.VideoFrame | None = None
+    video: av.VideoFrame | None = None  # PyAV's
     skipped: int = 0  # the stream's frames skipped by its fps cap before this one
 
     def pixels(self, pixel_format: PixelFormat) -> npt.NDArray[np.uint8]:
@@ -102,7 +106,12 @@ class Reader:
         except SourceError:
             if not self.stopped:
                 raise
-        except (OSError, av.FFmpegError, h11.ProtocolError, ValueError) as exc:
+        except ImportError as exc:
+            raise SourceError(f"this service cannot read {self.source.kind} sources: "
+                              f"{exc.name or exc} is not installed") from exc
+        except Exception as exc:
+            if not isinstance(exc, _source_errors()):
+                raise
             if not self.stopped:
                 # FFmpeg's errors quote the URL it was given, credentials and all.
                 reason = _reason(exc).replace(self.source.target, self.source.shown)
@@ -111,6 +120,8 @@ class Reader:
     # --- FFmpeg ---------------------------------------------------------------------------
 
     def _read_av(self, target: Any, deliver: Deliver, protocols: str | None) -> None:
+        import av
+
         settings = self.settings
         options = {"format_whitelist": FORMATS}
         if protocols is not None:
@@ -194,6 +205,8 @@ class HttpBody:
     URL, not another), headers and reads are bounded, and the body is read as it comes."""
 
     def __init__(self, source: Source, settings: Settings, reader: Reader) -> None:
+        import h11
+
         url = urlsplit(source.target)
         self.timeout_s = settings.stream_read_timeout_s
         self.budget = 0  # > 0: bytes that may be read before ``spent`` is called again
@@ -233,6 +246,8 @@ class HttpBody:
         sock.settimeout(self.timeout_s)
 
     def _next_event(self, deadline: float | None = None) -> Any:
+        import h11
+
         while True:
             event = self._connection.next_event()
             if event is not h11.NEED_DATA:
@@ -250,6 +265,8 @@ class HttpBody:
 
     def read(self, size: int = -1) -> bytes:
         """Body bytes (b"" at its end), for FFmpeg and the MJPEG parser."""
+        import h11
+
         while not self._buffer and not self._ended:
             event = self._next_event()
             if isinstance(event, h11.Data):
@@ -334,6 +351,17 @@ def _parameter(params: str, name: str) -> str:
             value = value.strip().strip('"')
             return value[2:] if value.startswith("--") else value
     return ""
+
+
+def _source_errors() -> tuple[type[BaseException], ...]:
+    """What a broken source raises: the socket's errors, and those of PyAV and h11 that are
+    loaded (one that is not loaded raised nothing)."""
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    for module, name in (("av", "FFmpegError"), ("h11", "ProtocolError")):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            errors.append(getattr(loaded, name))
+    return tuple(errors)
 
 
 def _reason(exc: BaseException) -> str:

@@ -526,10 +526,14 @@ class Stream:
 
     def _track(self, published: Published) -> list[int | None]:
         if self._tracker is None:
-            from app.streams.tracking import Tracker  # supervision's import costs ~0.5 s
+            from app.streams.tracking import tracker_or_none
 
             fps = self.request.fps or self.source_fps or 10.0
-            self._tracker = Tracker(fps, self._params[1].score_threshold if self._params
-                                    else self.settings.score_threshold)
+            self._tracker = tracker_or_none(fps, self._params[1].score_threshold
+                                            if self._params else self.settings.score_threshold)
+            if self._tracker is None:
+                self._tracker = False  # not installed: no ids, and no second try
+        if self._tracker is False:
+            return [None] * len(published.detections)
         ids: list[int | None] = self._tracker.update(published.detections)
         return ids

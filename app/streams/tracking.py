@@ -22,6 +22,7 @@ What the library's ``ByteTrackTracker.update`` does, and what this module makes 
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from typing import Any
@@ -137,3 +138,20 @@ class Tracker:
             minimum_consecutive_frames=2,
             high_conf_det_threshold=self._threshold,
         )
+
+
+_missing_logged = False
+
+
+def tracker_or_none(fps: float, score_threshold: float) -> Tracker | None:
+    """A ``Tracker``, or None where the tracking libraries are not installed (the stream then
+    goes on without track ids; said once in the log)."""
+    global _missing_logged
+    try:
+        return Tracker(fps, score_threshold)
+    except ImportError as exc:
+        if not _missing_logged:
+            _missing_logged = True
+            logging.getLogger("dfine.streams").warning(
+                "tracking is off: %s is not installed (track ids stay null)", exc.name or exc)
+        return None

@@ -12,6 +12,8 @@
 #                                              # with the engine ceiling         (~5-7 min)
 #     bash docs/performance/gpu-check.sh f     # FRONTENDS auto against 1: shipped D-FINE-N
 #                                              # on the GPU and the front end alone (~4 min)
+#     bash docs/performance/gpu-check.sh s     # video: 640x480 10 fps MJPEG cameras on the
+#                                              # shipped D-FINE-N, 4 to 64 streams  (~4 min)
 # Device time: start ~30 s, set-up part 1 ~20 s, part 2 + preflight ~60 s, n <= 250 s, l <= 420
 # s: under 13 minutes if every step runs to its limit, which leaves room to rerun preflight.
 # Each part stops itself (`timeout`) well inside its call's limit, writes at most 8 files
@@ -21,7 +23,7 @@
 # (part l there with L_VARIANT=n L_SIZE=320; EXTRA_ARGS="--batch-buckets 1,2,4
 # --max-batch-size 4" runs the bucket path there too). EXTRA_ARGS goes to every service.
 set -uo pipefail
-PART=${1:?which part: preflight, n, l or f}
+PART=${1:?which part: preflight, n, l, f or s}
 OUT=${OUT:-build/gpu-check}
 PROVIDERS=${PROVIDERS:-cuda}
 DURATION=${DURATION:-5}
@@ -89,7 +91,14 @@ f)
       --out "$OUT/f-$frontends"
   done
   ;;
-*) echo "unknown part $PART: preflight, n, l or f"; exit 2 ;;
+s)
+  # Issue 27: how many live 640x480 10 fps cameras the shipped model keeps up with on the GPU
+  # (MAX_BATCH_SIZE auto: the cameras' frames share runs), lag p50/p99, CPU per frame.
+  log "bench-streams: shipped D-FINE-N 320 on $PROVIDERS"
+  step 230 "$PY" -m app.bench.streams --streams 4,8,16,32,64 --warmup-s 3 --seconds 10 \
+    --service-args "--providers $PROVIDERS $EXTRA_ARGS" --out "$OUT/s.json"
+  ;;
+*) echo "unknown part $PART: preflight, n, l, f or s"; exit 2 ;;
 esac
 log "targets"
 "$PY" docs/performance/gpu_targets.py "$OUT" "$PART" 2>&1 | tee -a "$LOG"

@@ -94,7 +94,28 @@ def part_l(out: Path) -> None:
         check("fp16 c=1 p50 ms (<= 10)", p50, p50 <= 10)
 
 
+def part_f(out: Path) -> None:
+    """FRONTENDS auto against 1: figures to read, no target of their own."""
+    print("part f: no targets; the figures are in", out / "f-0", "and", out / "f-1")
+
+
+def part_s(out: Path) -> None:
+    """Video streams: CUDA ran the model; every step's figures, and how many kept up."""
+    path = out / "s.json"
+    if not path.exists():
+        check(f"{path} written", 0.0, False)
+        return
+    report = json.loads(path.read_text())
+    running = (report.get("service_engine") or {}).get("providers_running", [])
+    check(f"streams: CUDA running the model ({running})", 1.0 if running[:1] == [CUDA] else 0.0,
+          running[:1] == [CUDA])
+    for step in report["results"]:
+        print(f"streams {step.get('streams')}: " + json.dumps(
+            {k: v for k, v in step.items() if k not in ("threads", "per_stream")}))
+    print("streams kept up with:", report.get("largest_keeping_up"))
+
+
 if __name__ == "__main__":
-    {"n": part_n, "l": part_l}[sys.argv[2]](Path(sys.argv[1]))
+    {"n": part_n, "l": part_l, "f": part_f, "s": part_s}[sys.argv[2]](Path(sys.argv[1]))
     print(f"targets: {len(failures)} failed" if failures else "targets: all passed")
     sys.exit(1 if failures else 0)

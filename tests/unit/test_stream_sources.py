@@ -120,3 +120,17 @@ def test_a_closed_handoff_lets_a_waiting_reader_go() -> None:
         return result
 
     assert asyncio.run(scenario()) == [False]
+
+
+def test_a_service_without_streams_loads_no_video_library() -> None:
+    """PyAV and the tracker's libraries come with a stream's first frame: a service that
+    watches no video (and the GPU check's kit, which carries neither) never imports them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, app.main, app.cli, app.api.stream_routes; "
+            "print(sorted(m for m in ('av', 'supervision', 'trackers', 'scipy') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=120)
+    assert done.stdout.strip() == "[]"
