@@ -40,12 +40,12 @@ tools:
 	  && PATH="$$PATH:/usr/sbin" command -v runc >/dev/null && test -x /usr/lib/cni/dnsname \
 	  && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null && command -v wrk >/dev/null \
 	  && /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' 2>/dev/null \
-	  && gst-inspect-1.0 x264enc >/dev/null 2>&1 || { \
+	  && gst-inspect-1.0 rtph264pay >/dev/null 2>&1 || { \
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    prometheus prometheus-alertmanager nginx chromium podman runc mmdebstrap uidmap wrk \
 	    python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-tools gstreamer1.0-plugins-base \
-	    gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly \
+	    gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
 	    golang-github-containernetworking-plugin-dnsname >/dev/null; }
 
 run: $(SERVE)

@@ -127,8 +127,10 @@ class Reader:
         if protocols is not None:
             options["protocol_whitelist"] = protocols
         if self.source.kind == "rtsp":
+            # A camera's SDP names its codec: a short probe starts at the next keyframe
+            # instead of after FFmpeg's default 5 s of analysis (2.8 s here, then a burst).
             options.update(rtsp_transport="tcp", allowed_media_types="video",
-                           fflags="nobuffer")
+                           fflags="nobuffer", analyzeduration="500000", probesize="500000")
         container = av.open(target, options=options, timeout=(
             settings.stream_open_timeout_s, settings.stream_read_timeout_s))
         try:

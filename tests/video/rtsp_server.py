@@ -48,18 +48,30 @@ def _serve(port: int, file: Path, mount: str) -> int:
 
     Gst.init(None)
 
+    def payloader_input(media: Any) -> Any:
+        return media.get_element().get_by_name("pay0").get_static_pad("sink")
+
     def seek_to_start(media: Any, flush: bool) -> bool:
-        # Sent upstream from the payloader's input (a pipeline-level seek does not get
-        # through the RTP bin to the demuxer).
+        # Sent upstream from the payloader's input: a pipeline-level seek does not get
+        # through the RTP bin to the demuxer.
         flags = Gst.SeekFlags.SEGMENT | (Gst.SeekFlags.FLUSH if flush else Gst.SeekFlags.NONE)
         event = Gst.Event.new_seek(1.0, Gst.Format.TIME, flags, Gst.SeekType.SET, 0,
                                    Gst.SeekType.NONE, -1)
-        pad = media.get_element().get_by_name("pay0").get_static_pad("sink")
-        return bool(pad.push_event(event))
+        return bool(payloader_input(media).push_event(event))
+
+    last_pts: dict[int, int] = {}  # id(media) -> the last frame's timestamp (stream time)
 
     class LoopingMedia(GstRtspServer.RTSPMedia):  # type: ignore[misc]
         def do_handle_message(self, message: Any) -> bool:
             if message.type == Gst.MessageType.SEGMENT_DONE:
+                # A non-flushing seek starts the next loop's running time at the last
+                # frame's timestamp, not at the file's end: the first frame would share the
+                # last one's time. Shift what follows by the difference (one frame).
+                _, end = message.parse_segment_done()
+                pad = payloader_input(self)
+                gap = end - last_pts.get(id(self), end)
+                if 0 < gap < Gst.SECOND:
+                    pad.set_offset(pad.get_offset() + gap)
                 # The demuxer's task has paused at the segment's end: a non-flushing seek
                 # does not block here, and playback goes on without a gap.
                 seek_to_start(self, flush=False)
@@ -74,7 +86,15 @@ def _serve(port: int, file: Path, mount: str) -> int:
                   file=sys.stderr, flush=True)
 
     def on_media_configure(_factory: Any, media: Any) -> None:
+        def remember_pts(_pad: Any, info: Any) -> Any:
+            pts = info.get_buffer().pts
+            if pts != Gst.CLOCK_TIME_NONE:
+                last_pts[id(media)] = pts
+            return Gst.PadProbeReturn.OK
+
+        payloader_input(media).add_probe(Gst.PadProbeType.BUFFER, remember_pts)
         media.connect("prepared", on_prepared)
+        media.connect("unprepared", lambda m: last_pts.pop(id(m), None))
 
     factory = GstRtspServer.RTSPMediaFactory()
     # parsebin picks the demuxer (Matroska, MP4) and the H.264 parser.
@@ -126,8 +146,8 @@ def gstreamer_missing() -> str | None:
     check = ("import gi; gi.require_version('Gst', '1.0'); "
              "gi.require_version('GstRtspServer', '1.0'); "
              "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
-             "import sys; sys.exit(0 if Gst.ElementFactory.find('rtph264pay') "
-             "and Gst.ElementFactory.find('parsebin') else 3)")
+             "import sys; sys.exit(0 if all(Gst.ElementFactory.find(e) for e in "
+             "('parsebin', 'matroskademux', 'qtdemux', 'h264parse', 'rtph264pay')) else 3)")
     result = subprocess.run([DEBIAN_PYTHON, "-c", check], capture_output=True, timeout=60)
     if result.returncode != 0:
         return ("GStreamer's RTSP server is not installed for Debian's Python (python3-gi, "
