@@ -16,7 +16,9 @@ from tests.video import scene
 from tests.video.rtsp_server import RtspServer
 
 FPS = 10.0
-FRAMES = 60  # the file's frames; the server loops it
+FRAMES = scene.PERIOD  # a whole period of the scene: the server's loop is seamless (a shorter
+# file would jump the shapes back to their start at each loop, and a tracker rightly gives
+# them new ids)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,9 @@ def source_frame(body: dict[str, Any]) -> int:
 
 def test_a_camera_is_detected_with_track_ids_along_the_known_paths(
         server: Server, camera: RtspServer) -> None:
-    stream = create(server.url, {"source": camera.url, "fps": 5})
+    # 2 fps: a rate the engine keeps up with on a loaded machine too (ByteTrack counts frames,
+    # not seconds: frames dropped in a row would stretch its motion model past the shapes).
+    stream = create(server.url, {"source": camera.url, "fps": 2})
     assert stream["kind"] == "live" and stream["source"] == camera.url
     frames = frame_events(events(server.url, stream["id"], timeout_s=120, after=None,
                                  frames=30))
@@ -72,7 +76,7 @@ def test_a_camera_is_detected_with_track_ids_along_the_known_paths(
         assert len(tracks) <= 2, f"path {path} took ids {tracks}"  # at most one switch
     assert len(set().union(*ids.values())) == sum(len(t) for t in ids.values())  # none shared
     seen = status(server.url, stream["id"])
-    assert seen["state"] == "running" and 3 < seen["fps_out"] <= 6
+    assert seen["state"] == "running" and 1 < seen["fps_out"] <= 3
 
 
 def test_a_camera_killed_and_restarted_mid_stream_is_reconnected(

@@ -102,7 +102,7 @@ def test_a_file_handoff_makes_the_reader_wait_until_its_frame_is_taken() -> None
         got = []
         while not isinstance(item := await handoff.get(), _End):
             got.append(item.index)
-        assert reader_done.is_set()
+        assert await asyncio.to_thread(reader_done.wait, 10)
         return got
 
     assert asyncio.run(scenario()) == [0, 1, 2, 3, 4]
