@@ -241,15 +241,16 @@ class Metrics:
     def drop_version_series(self, model: str, version: str) -> None:
         """An unloaded version's gauges and model info go; its counters stay."""
         for gauge in (self.queue_depth, self.queue_capacity, self.inflight_batches):
-            self._drop_gauge_series(gauge, model, version)
+            self.drop_gauge_series(gauge, {"model": model, "version": version})
         self._model_info.remove(model, version)
 
-    def _drop_gauge_series(self, gauge: Gauge, model: str, version: str) -> None:
+    def drop_gauge_series(self, gauge: Gauge, labels: dict[str, str]) -> None:
+        """The series of ``gauge`` with these labels (all of them, in order) goes."""
         if self.multiprocess_dir is None:
             with contextlib.suppress(KeyError):
-                gauge.remove(model, version)
+                gauge.remove(*labels.values())
         else:
-            _drop_series(gauge, {"model": model, "version": version})
+            _drop_series(gauge, labels)
 
 
 class _EngineGauges:
@@ -370,8 +371,4 @@ class StreamMetrics:
         """A deleted stream's gauges go (one that ended or was stopped: its up gauge, which
         DfineStreamDown watches)."""
         for gauge in (self.lag, self.up) if lag else (self.up,):
-            if self._root.multiprocess_dir is None:
-                with contextlib.suppress(KeyError):
-                    gauge.remove(stream)
-            else:
-                _drop_series(gauge, {"stream": stream})
+            self._root.drop_gauge_series(gauge, {"stream": stream})

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
@@ -287,6 +288,13 @@ class Detector:
                 self._admitted += 1  # handed over: a newcomer cannot take it first
                 waiter.set_result(None)
 
+    @cached_property
+    def _mean_std(self) -> tuple[tuple[float, float, float] | None,
+                                 tuple[float, float, float] | None]:
+        """The model's input normalisation, (None, None) where it is none."""
+        norm = self.engine.info.normalization
+        return (None, None) if norm.is_identity else (norm.mean, norm.std)
+
     def prepare(self, data: bytes, orientation: OrientationMode | None = None,
                 out: npt.NDArray[np.float32] | None = None) -> PreparedImage:
         """Decode and resize one upload (PREPROCESS exact or fast), turned as its EXIF says
@@ -295,8 +303,7 @@ class Detector:
         orientation = orientation or self.settings.orientation
         started = time.perf_counter()
         info = self.engine.info
-        norm = info.normalization
-        mean, std = (None, None) if norm.is_identity else (norm.mean, norm.std)
+        mean, std = self._mean_std
         if self.settings.preprocess == "exact":
             prepared = prepare_exact(open_rgb(data, self.settings.max_pixels, orientation),
                                      info.input_width, info.input_height, info.resize, mean, std,
@@ -366,8 +373,7 @@ class Detector:
         ``pixel_format``; resized and normalised as an upload of the same pixels would be."""
         started = time.perf_counter()
         info = self.engine.info
-        norm = info.normalization
-        mean, std = (None, None) if norm.is_identity else (norm.mean, norm.std)
+        mean, std = self._mean_std
         image = pixels()
         if self.settings.preprocess == "exact":
             prepared = prepare_exact(Image.fromarray(image, "RGB"), info.input_width,
@@ -386,6 +392,13 @@ class Detector:
         if not self.accepting:
             raise NotReady()
         return await self._detect(params, self.prepare_pixels, [pixels])
+
+    async def detect_frame(self, data: bytes, params: DetectParams) -> DetectResult:
+        """``detect`` for a video frame still encoded (an MJPEG part, a client's frame), which
+        takes no admission place either (``detect_decoded``)."""
+        if not self.accepting:
+            raise NotReady()
+        return await self.detect(data, params)
 
     async def detect(self, data: bytes, params: DetectParams) -> DetectResult:
         work: list[Any] = [data, params.orientation]

@@ -18,6 +18,7 @@ from app.api.errors import AUTH_ERRORS, DETECT_ERRORS, MODEL_LOOKUP, NOT_READY
 from app.api.uploads import read_image, read_images
 from app.errors import ClientClosed, ServiceError
 from app.http_protocol import ON_DISCONNECT
+from app.postprocess import detection_json
 from app.render import negotiate
 from app.schemas import (
     BatchingInfo,
@@ -128,11 +129,7 @@ def _result_body(detector: Detector, result: DetectResult) -> dict[str, Any]:
         "model": detector.name,
         "version": detector.version,
         "image": {"width": result.width, "height": result.height},
-        "detections": [
-            {"label": d.label, "class_id": d.class_id, "score": d.score,  # rounded by select
-             "box": {"x1": d.box[0], "y1": d.box[1], "x2": d.box[2], "y2": d.box[3]}}
-            for d in result.detections
-        ],
+        "detections": [detection_json(d) for d in result.detections],
         "timing_ms": result.timing_ms,
     }
 

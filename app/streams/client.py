@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from app.errors import InvalidRequest, NotReady, ServiceError
+from app.errors import InvalidRequest, ServiceError
 from app.metrics import StreamMetrics
 from app.routing import Routing
 from app.service import Detector, DetectParams
@@ -104,9 +104,7 @@ class ClientSession:
                 raise InvalidRequest(f"a frame of {len(data)} bytes; STREAM_MAX_FRAME_BYTES is "
                                      f"{self._max_frame_bytes}")
             detector = self.registry.resolve(self.request.model, self.request.version)
-            if not detector.accepting:
-                raise NotReady()
-            result = await detector.detect(data, self._detect_params(detector))
+            result = await detector.detect_frame(data, self._detect_params(detector))
         except ServiceError as exc:
             self._failed.inc()
             self._last_answered = number

@@ -22,9 +22,9 @@ from functools import partial
 from typing import Any, Literal
 
 from app.config import Settings
-from app.errors import NotReady, ServiceError
+from app.errors import ServiceError
 from app.metrics import StreamMetrics
-from app.postprocess import Detection
+from app.postprocess import Detection, detection_json
 from app.routing import Routing
 from app.service import Detector, DetectParams
 from app.streams.policy import Source
@@ -162,9 +162,8 @@ class Published:
 
 def detections_json(detections: list[Detection], track_ids: list[int | None]
                     ) -> list[dict[str, Any]]:
-    return [{"label": d.label, "class_id": d.class_id, "score": d.score,
-             "box": {"x1": d.box[0], "y1": d.box[1], "x2": d.box[2], "y2": d.box[3]},
-             "track_id": track_id}
+    """/detect's detections, each with its track id."""
+    return [{**detection_json(d), "track_id": track_id}
             for d, track_id in zip(detections, track_ids, strict=True)]
 
 
@@ -222,7 +221,6 @@ class Stream:
         self._tracker: Any = None
         self.source_fps: float | None = None  # the source's own frame rate, where it says
         self._params: tuple[int, DetectParams] | None = None
-        self._label = {"stream": stream_id}
         self._received = metrics.received.labels(stream_id)
         self._processed = metrics.processed.labels(stream_id)
         self._behind = metrics.dropped.labels(stream_id, "behind")
@@ -274,8 +272,8 @@ class Stream:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"stream-{self.id}")
 
-    async def stop(self, state: StreamState = "stopped", reason: str | None = None) -> None:
-        """Stop reading and processing (frames in flight are let finish) and end."""
+    async def stop(self) -> None:
+        """Stop reading and processing, and end as ``stopped``."""
         if self._reader is not None:
             self._reader.stop()
         task = self._task
@@ -284,7 +282,7 @@ class Stream:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if not self.ended:
-            self._set_state(state, reason)
+            self._set_state("stopped")
 
     async def _run(self) -> None:
         backoff = BACKOFF_START_S
@@ -460,9 +458,7 @@ class Stream:
             self.model, self.version = detector.name, detector.version
             params = self._detect_params(detector)
             if frame.jpeg is not None:
-                if not detector.accepting:
-                    raise NotReady()
-                result = await detector.detect(frame.jpeg, params)
+                result = await detector.detect_frame(frame.jpeg, params)
             else:
                 result = await detector.detect_decoded(
                     partial(frame.pixels, detector.pixel_format), params)
@@ -529,10 +525,10 @@ class Stream:
             from app.streams.tracking import tracker_or_none
 
             fps = self.request.fps or self.source_fps or 10.0
+            # False: not installed, no ids and no second try.
             self._tracker = tracker_or_none(fps, self._params[1].score_threshold
-                                            if self._params else self.settings.score_threshold)
-            if self._tracker is None:
-                self._tracker = False  # not installed: no ids, and no second try
+                                            if self._params else self.settings.score_threshold
+                                            ) or False
         if self._tracker is False:
             return [None] * len(published.detections)
         ids: list[int | None] = self._tracker.update(published.detections)
