@@ -226,21 +226,47 @@ class DynamicBatcher(Generic[P, R]):
         Cancelled, it returns at once, unless ``hold_while_running`` and its batch has started:
         then once the run is over, as the payload (a shared-memory slot) is in use until then.
         """
+        (item,) = self._enqueue([payload], timeout_s)
+        return await self._wait(item, timeout_s, hold_while_running)
+
+    async def submit_many(self, payloads: Sequence[P], timeout_s: float,
+                          hold_while_running: bool = False) -> list[R]:
+        """Several payloads queued at once, under one lock, so that an engine thread takes them
+        together (the tiles of one image: one batch where MAX_BATCH_SIZE allows, else
+        consecutive ones). Results in order. The first failure is raised once every other
+        payload is out of the queue, or its run over (``hold_while_running``), as ``submit``
+        leaves one when cancelled. All or none are queued (Overloaded)."""
+        items = self._enqueue(payloads, timeout_s)
+        waits = [asyncio.ensure_future(self._wait(item, timeout_s, hold_while_running))
+                 for item in items]
+        try:
+            return list(await asyncio.gather(*waits))
+        except BaseException:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+            raise
+
+    def _enqueue(self, payloads: Sequence[P], timeout_s: float) -> list[_Item[P, R]]:
         if self._closed:
             raise NotReady()
         now = self._clock()
         loop = asyncio.get_running_loop()
-        item: _Item[P, R] = _Item(payload, loop.create_future(), now, now + timeout_s)
+        items: list[_Item[P, R]] = [_Item(payload, loop.create_future(), now, now + timeout_s)
+                                    for payload in payloads]
         with self._changed:
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) + len(items) > self.max_queue:
                 raise Overloaded(retry_after_s=max(1, round(self.max_delay_s + 1)))
-            self._queue.append(item)
+            self._queue.extend(items)
             self._changed.notify()
             # Under the lock: the engine threads report too, and the gauge must end at the
             # last depth, not whichever report came last.
             self._observer.queue_changed(len(self._queue))
+        return items
+
+    async def _wait(self, item: _Item[P, R], timeout_s: float, hold_while_running: bool) -> R:
         # One timer rather than asyncio.wait's waiter, callbacks and timer on every item.
-        expiry = loop.call_later(timeout_s, self._expire, item)
+        expiry = asyncio.get_running_loop().call_later(timeout_s, self._expire, item)
         try:
             return await (asyncio.shield(item.future) if hold_while_running else item.future)
         except asyncio.CancelledError:  # the client went away (its batch may have started)

@@ -12,6 +12,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.engine.buckets import parse_buckets
 from app.orientation import OrientationMode
+from app.tiling import (
+    DEFAULT_MERGE,
+    DEFAULT_MERGE_METRIC,
+    DEFAULT_MERGE_THRESHOLD,
+    DEFAULT_OVERLAP,
+    MatchMetric,
+    MergeMethod,
+    Tiling,
+    parse_tile,
+)
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "dfine_n_shapes.onnx"
 PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
@@ -111,6 +121,28 @@ class Settings(BaseSettings):
     dedupe_iou: float = Field(
         0.0, ge=0, le=1, description="default class-aware duplicate removal: drop a detection "
         "that a higher-scored one of its class overlaps by this IoU; 0: off, the model's answer")
+    tile: str = Field(
+        "none", description="tiled inference by default (query tile overrides): none, auto (tiles "
+        "only images much larger than the model's input), or a tile size in the original "
+        "image's pixels; an image's tiles run as one batch, their boxes merged")
+    tile_overlap: float = Field(
+        DEFAULT_OVERLAP, ge=0, le=0.9, description="default overlap of neighbouring tiles, a "
+        "fraction of the tile")
+    tile_merge: MergeMethod = Field(
+        DEFAULT_MERGE, description="default merging of the tiles' detections: greedy_nmm "
+        "(SAHI's greedy non-max merge: a box cut by a tile border comes back whole), nms, none")
+    tile_merge_threshold: float = Field(
+        DEFAULT_MERGE_THRESHOLD, gt=0, le=1, description="default overlap at which two "
+        "detections are merged")
+    tile_merge_metric: MatchMetric = Field(
+        DEFAULT_MERGE_METRIC, description="default overlap measure for merging: ios "
+        "(intersection over the smaller box) or iou")
+    tile_full_image: bool = Field(
+        True, description="tiled requests also run the whole image by default (its large "
+        "objects), merged with the tiles'")
+    max_tiles: int = Field(
+        16, ge=1, le=256, description="tiles one image may become, at most (whole-image pass "
+        "not counted); a request asking for more is refused (422) before its image is decoded")
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body limit")
     max_pixels: int = Field(25_000_000, ge=1, description="decoded width x height limit")
     max_batch_images: int = Field(16, ge=1, description="images in one /detect/batch request")
@@ -246,6 +278,12 @@ class Settings(BaseSettings):
                                      "nor a network (10.0.0.0/8, 192.168.1.7)") from None
         return value
 
+    @field_validator("tile")
+    @classmethod
+    def _valid_tile(cls, value: str) -> str:
+        parse_tile(value)
+        return value
+
     @field_validator("providers")
     @classmethod
     def _known_providers(cls, value: str) -> str:
@@ -278,6 +316,15 @@ class Settings(BaseSettings):
     def bucket_sizes(self) -> tuple[int, ...] | None:
         """The buckets asked for; None: auto."""
         return parse_buckets(self.batch_buckets)
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """The tiling a request gets when it says nothing of it (None: untiled)."""
+        tile = parse_tile(self.tile)
+        if tile is None:
+            return None
+        return Tiling(tile, self.tile_overlap, self.tile_merge, self.tile_merge_threshold,
+                      self.tile_merge_metric, self.tile_full_image)
 
     @property
     def provider_list(self) -> list[str]:

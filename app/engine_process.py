@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from app.config import Settings
 from app.engine.engine import OnnxEngine
@@ -37,6 +38,7 @@ from app.link.messages import (
     PoolClosed,
     Result,
     Run,
+    RunMany,
     State,
     StateSeen,
     VersionView,
@@ -74,7 +76,7 @@ class FrontendSession:
         self.host, self.channel = host, channel
         self.name = "front end ?"
         self.pools: dict[int, _BoundPool] = {}
-        self.runs: dict[int, asyncio.Task[Result | Failed]] = {}
+        self.runs: dict[int, asyncio.Task[Any]] = {}  # a RunMany: one task for its ids
         self.seen = -1  # the last State it acknowledged
         self.task: asyncio.Task[None] | None = None
 
@@ -98,6 +100,12 @@ class FrontendSession:
             # Answered from the task's end, not its body: a task cancelled before it starts
             # (its Cancel read with its Run) runs none of its body.
             task.add_done_callback(partial(self._answer, message.id))
+        elif isinstance(message, RunMany):
+            group = asyncio.get_running_loop().create_task(self._run_many(message))
+            ids = [run.id for run in message.runs]
+            for id in ids:
+                self.runs[id] = group
+            group.add_done_callback(partial(self._answer_many, ids))
         elif isinstance(message, Cancel):
             running = self.runs.get(message.id)
             if running is not None:
@@ -152,6 +160,37 @@ class FrontendSession:
             return failed(message.id, EngineFailure())
         return Result(message.id, row.labels.tobytes(), row.boxes.tobytes(),
                       row.scores.tobytes(), row.run_started, row.run_finished, row.batch_size)
+
+    async def _run_many(self, message: RunMany) -> list[Result | Failed]:
+        """The runs of one RunMany, queued under one lock of their version's batcher."""
+        first = message.runs[0]
+        pool = self.pools.get(first.pool)
+        if (pool is None or pool.detector is None or pool.detector.batcher is None
+                or any(run.pool != first.pool for run in message.runs)):
+            return [failed(run.id, NotReady("the model version is not loaded any more"))
+                    for run in message.runs]
+        images = [PreparedImage(pool.slots.view(run.slot), run.width, run.height,
+                                run.target_size_wh) for run in message.runs]
+        try:
+            rows = await pool.detector.batcher.submit_many(images, first.timeout_s,
+                                                           hold_while_running=True)
+        except ServiceError as exc:
+            return [failed(run.id, exc) for run in message.runs]
+        except Exception:
+            log.exception("runs %d.. of %s failed", first.id, self.name)
+            return [failed(run.id, EngineFailure()) for run in message.runs]
+        return [Result(run.id, row.labels.tobytes(), row.boxes.tobytes(),
+                       row.scores.tobytes(), row.run_started, row.run_finished, row.batch_size)
+                for run, row in zip(message.runs, rows)]
+
+    def _answer_many(self, ids: list[int], task: asyncio.Task[list[Result | Failed]]) -> None:
+        for id in ids:
+            self.runs.pop(id, None)
+        answers = ([failed(id, ClientClosed()) for id in ids] if task.cancelled()
+                   else task.result())
+        with contextlib.suppress(ChannelClosed):
+            for answer in answers:
+                self.channel.send(answer)
 
     def _answer(self, id: int, task: asyncio.Task[Result | Failed]) -> None:
         """Every run is answered once, when it no longer reads its slot."""

@@ -55,6 +55,13 @@ class InvalidRequest(ServiceError):
     code, status, message = "invalid_request", 422, "the request is invalid"
 
 
+class TooManyTiles(InvalidRequest):
+    """A tiled request whose image would become more tiles than MAX_TILES (or than the model
+    admits at once), refused from the image's header before it is decoded."""
+
+    code = "too_many_tiles"
+
+
 class Conflict(ServiceError):
     """What was asked conflicts with the service's state or settings (a load past
     MAX_LOADED_MODELS, a load or unload that MODEL_CONTROL does not allow)."""

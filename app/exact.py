@@ -90,19 +90,22 @@ def _check_rle_bmp(data: bytes, header: Header) -> None:
 def prepare_exact(rgb: Image.Image, input_width: int, input_height: int,
                   resize: str = "stretch", mean: tuple[float, float, float] | None = None,
                   std: tuple[float, float, float] | None = None,
-                  out: npt.NDArray[np.float32] | None = None) -> PreparedImage:
+                  out: npt.NDArray[np.float32] | None = None,
+                  box: tuple[int, int, int, int] | None = None) -> PreparedImage:
     """Model-ready pixels from a decoded RGB image, with PIL's bilinear resize (written into
-    ``out`` when given)."""
-    width, height = rgb.size
+    ``out`` when given). ``box`` (x1, y1, x2, y2): only that region, a tile (PIL's own
+    region resize: no copy of it; the filter reads the pixels just beyond its edges)."""
+    width, height = rgb.size if box is None else (box[2] - box[0], box[3] - box[1])
     if resize == "letterbox":
         scale = min(input_width / width, input_height / height)
         new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
         canvas = Image.new("RGB", (input_width, input_height), (LETTERBOX_FILL,) * 3)
         pad_x, pad_y = (input_width - new_w) // 2, (input_height - new_h) // 2
-        canvas.paste(rgb.resize((new_w, new_h), Image.Resampling.BILINEAR), (pad_x, pad_y))
+        canvas.paste(rgb.resize((new_w, new_h), Image.Resampling.BILINEAR, box=box),
+                     (pad_x, pad_y))
         return PreparedImage(to_chw_float(_array(canvas), mean, std, out), width, height,
                              (input_width, input_height), Letterbox(scale, pad_x, pad_y))
-    resized = rgb.resize((input_width, input_height), Image.Resampling.BILINEAR)
+    resized = rgb.resize((input_width, input_height), Image.Resampling.BILINEAR, box=box)
     return PreparedImage(to_chw_float(_array(resized), mean, std, out), width, height,
                          (width, height))
 

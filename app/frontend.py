@@ -38,6 +38,7 @@ from app.link.messages import (
     PoolClosed,
     Result,
     Run,
+    RunMany,
     State,
     StateSeen,
     VersionView,
@@ -145,6 +146,18 @@ class RemoteRuns:
         place.with_engine = True
         return await self.link.run(self, place, payload, timeout_s)
 
+    async def submit_many(self, payloads: list[PreparedImage], timeout_s: float
+                          ) -> list[_Row]:
+        """``submit`` for several images at once (one RunMany): queued together."""
+        places = []
+        for payload in payloads:
+            slot = self.pool.slot_of(payload.pixels)
+            place = self._held.get(slot) if slot is not None else None
+            assert place is not None, "the image is not in a slot of this version's pool"
+            place.with_engine = True
+            places.append(place)
+        return await self.link.run_many(self, places, payloads, timeout_s)
+
     async def drain(self, timeout_s: float) -> bool:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout_s)
@@ -203,6 +216,39 @@ class EngineLink:
             if id in self._pending and self.connected:
                 self.send(Cancel(id))
             raise
+
+    async def run_many(self, runs: RemoteRuns, places: list[SlotPlace],
+                       images: list[PreparedImage], timeout_s: float) -> list[_Row]:
+        ids = [next(self._ids) for _ in images]
+        try:
+            if runs.channel is not self.channel:
+                raise ChannelClosed()
+            self.send(RunMany(tuple(
+                Run(id, runs.name, runs.version, runs.pool_id, place.slot, image.width,
+                    image.height, image.target_size_wh, timeout_s)
+                for id, place, image in zip(ids, places, images))))
+        except ChannelClosed:
+            for place in places:
+                place.give_back()
+            raise NotReady("the engine process is not running") from None
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[_Row]] = [loop.create_future() for _ in ids]
+        for id, future, place in zip(ids, futures, places):
+            self._pending[id] = _Pending(future, place)
+        try:
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        except asyncio.CancelledError:
+            # The request has gone: a Cancel of one cancels them all in the engine process,
+            # which still answers each once it no longer reads its slot (its place is given
+            # back then).
+            waiting = next((id for id in ids if id in self._pending), None)
+            if waiting is not None and self.connected:
+                self.send(Cancel(waiting))
+            raise
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return cast(list[_Row], results)
 
     async def control(self, action: str, name: str) -> None:
         id = next(self._ids)

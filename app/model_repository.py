@@ -39,7 +39,8 @@ PER_MODEL_SETTINGS = frozenset({
     "input_size", "preprocess", "orientation", "precision", "providers", "trt_fp16",
     "max_batch_size", "batch_buckets", "cuda_graph", "max_delay_ms", "max_queue",
     "instances", "intra_op_threads", "decode_workers", "score_threshold", "max_detections",
-    "clip_boxes", "dedupe_iou",
+    "clip_boxes", "dedupe_iou", "tile", "tile_overlap", "tile_merge", "tile_merge_threshold",
+    "tile_merge_metric", "tile_full_image",
 })
 
 Fingerprint = tuple[tuple[str, int, int], ...]  # (file, size, mtime_ns) of what a load reads

@@ -35,12 +35,34 @@ class Timing(BaseModel):
     total: float
 
 
+class TileWindow(BaseModel):
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+class TilingOut(BaseModel):
+    """What a request that asked for tiling became."""
+
+    tile: int | None = Field(description="the tile size in the original's pixels; null: not "
+                             "tiled (auto left an image near the model's input size whole)")
+    overlap: float
+    full_image: bool = Field(description="the whole image ran too, merged with the tiles")
+    tiles: list[TileWindow] = Field(
+        description="the windows, in the original (upright) image's pixels, as the boxes")
+    engine_images: int = Field(description="images this one became for the engine")
+    engine_runs: int = Field(description="engine runs they took")
+
+
 class DetectResponse(BaseModel):
     model: str = Field(examples=["dfine_n_shapes"])
     version: int = Field(examples=[1], description="the model version that answered")
     image: ImageSize
     detections: list[DetectionOut] = Field(description="sorted by score, descending")
     timing_ms: Timing
+    tiling: TilingOut | None = Field(
+        None, description="present when the request asked for tiling (tile, or TILE)")
 
 
 class ErrorDetail(BaseModel):

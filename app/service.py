@@ -23,15 +23,16 @@ from PIL import Image
 from app.batching import DynamicBatcher
 from app.config import Settings
 from app.engine.engine import OnnxEngine
-from app.errors import NotReady, Overloaded
+from app.errors import InvalidImage, NotReady, Overloaded, TooManyTiles
 from app.exact import bgr, open_rgb, prepare_exact
-from app.imaging import PreparedImage, UInt8Image, decode, prepare
+from app.imaging import PreparedImage, UInt8Image, check_header, decode, prepare
 from app.metrics import VersionMetrics
-from app.orientation import OrientationMode
+from app.orientation import OrientationMode, oriented_size
 from app.postprocess import Detection, original_boxes, select
 from app.render import ImageFormat, draw
 from app.render import encode as encode_image
 from app.threads import name_os_thread
+from app.tiling import Tile, Tiling, merge, shift, tile_count, tile_grid
 from app.trim import IdleTrimmer
 
 MAX_ROOM_WAITERS = 256
@@ -47,6 +48,7 @@ class DetectParams:
     clip: bool = True
     dedupe_iou: float = 0.0  # 0: off
     orientation: OrientationMode = "exif"
+    tiling: Tiling | None = None  # None: the image runs whole, as one engine image
 
 
 @dataclass
@@ -77,7 +79,48 @@ class DetectResult:
     height: int
     detections: list[Detection]
     timing_ms: dict[str, float]
-    batch_size: int  # images in the engine run this image went through
+    batch_size: int  # images in the engine run this image went through (tiled: the largest)
+    tiling: TilingReport | None = None  # a request that asked for tiling: what was done
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one image is cut: ``windows`` (empty: not tiled) in the upright image's pixels,
+    and whether the whole image runs too."""
+
+    width: int
+    height: int
+    tile: int | None
+    overlap: float
+    windows: list[Tile]
+    full_image: bool
+
+    @property
+    def images(self) -> int:
+        """Engine images the request becomes."""
+        return len(self.windows) + self.full_image if self.windows else 1
+
+    @property
+    def sources(self) -> list[Tile]:
+        """Each engine image's window of the original: the tiles, then the whole image."""
+        whole = Tile(0, 0, self.width, self.height)
+        return [*self.windows, whole] if self.full_image or not self.windows else self.windows
+
+
+@dataclass(frozen=True)
+class TilingReport:
+    """What a tiled request became: its plan, and the engine runs its images took."""
+
+    plan: TilePlan
+    engine_runs: int
+
+    def json(self) -> dict[str, Any]:
+        plan = self.plan
+        return {"tile": plan.tile, "overlap": plan.overlap,
+                "full_image": plan.full_image and bool(plan.windows),
+                "tiles": [{"x": t.x, "y": t.y, "width": t.width, "height": t.height}
+                          for t in plan.windows],
+                "engine_images": plan.images, "engine_runs": self.engine_runs}
 
 
 def stream_room(settings: Settings) -> int:
@@ -130,6 +173,9 @@ class Runs(Protocol):
 
     async def submit(self, payload: PreparedImage, timeout_s: float) -> _Row: ...
 
+    async def submit_many(self, payloads: list[PreparedImage], timeout_s: float
+                          ) -> list[_Row]: ...
+
     async def drain(self, timeout_s: float) -> bool: ...
 
     async def stop(self) -> None: ...
@@ -159,6 +205,10 @@ class _LocalRuns:
 
     async def submit(self, payload: PreparedImage, timeout_s: float) -> _Row:
         return await self.batcher.submit(payload, timeout_s)
+
+    async def submit_many(self, payloads: list[PreparedImage], timeout_s: float
+                          ) -> list[_Row]:
+        return await self.batcher.submit_many(payloads, timeout_s)
 
     async def drain(self, timeout_s: float) -> bool:
         return await self.batcher.drain(timeout_s)
@@ -289,6 +339,11 @@ class Detector:
                 waiter.set_result(None)
 
     @cached_property
+    def default_tiling(self) -> Tiling | None:
+        """A request's tiling when it asks for none: TILE and its kin (settings.json's first)."""
+        return self.settings.tiling
+
+    @cached_property
     def _mean_std(self) -> tuple[tuple[float, float, float] | None,
                                  tuple[float, float, float] | None]:
         """The model's input normalisation, (None, None) where it is none."""
@@ -398,9 +453,13 @@ class Detector:
         takes no admission place either (``detect_decoded``)."""
         if not self.accepting:
             raise NotReady()
+        if params.tiling is not None:  # a stream's frames run whole (docs/video.md)
+            params = replace(params, tiling=None)
         return await self.detect(data, params)
 
     async def detect(self, data: bytes, params: DetectParams) -> DetectResult:
+        if params.tiling is not None:
+            return await self._detect_tiled(data, params, params.tiling)
         work: list[Any] = [data, params.orientation]
         del data
         return await self._detect(params, self._prepare_bytes, work)
@@ -432,6 +491,134 @@ class Detector:
         }
         return DetectResult(prepared.width, prepared.height, detections,
                             {k: round(v * 1000, 3) for k, v in timing.items()}, row.batch_size)
+
+    async def _detect_tiled(self, data: bytes, params: DetectParams, tiling: Tiling
+                            ) -> DetectResult:
+        """``detect`` of an image cut into tiles (and run whole too, with ``full_image``):
+        the plan from its header, refused (TooManyTiles) before anything is decoded; a place
+        for each engine image (the request's own holds one); one decode, each tile resized
+        into its place, all of them queued at once (one batch where MAX_BATCH_SIZE allows);
+        the tiles' detections shifted to the original's pixels and merged, then selected as
+        an untiled image's are. An image ``tiling`` leaves whole runs as ``detect`` runs it."""
+        started = time.perf_counter()
+        plan = await self._in_pool(self._tile_plan, data, params.orientation, tiling)
+        if not plan.windows:
+            result = await self._detect(params, self._prepare_bytes, [data, params.orientation])
+            return replace(result, tiling=TilingReport(plan, 1))
+        extra = plan.images - 1
+        await self.acquire(extra, 0)
+        try:
+            places: list[Place] = []
+            try:
+                for _ in range(plan.images):
+                    places.append(self.runs.place())
+                views = [place.view for place in places]
+                prepared = await self._in_pool(self._prepare_tiles, data, params.orientation,
+                                               plan, views)
+                queued = time.perf_counter()
+                rows = await self.runs.submit_many(prepared, self.settings.request_timeout_s)
+            finally:
+                for place in places:
+                    place.release()
+        finally:
+            self.release(extra)
+        detections = self._merged(rows, prepared, plan, tiling, params)
+        finished = time.perf_counter()
+        run_started = min(row.run_started for row in rows)
+        timing = {
+            "preprocess": queued - started,
+            "queue": max(0.0, run_started - queued),
+            "inference": max(row.run_finished for row in rows) - run_started,
+            "total": finished - started,
+        }
+        report = TilingReport(plan, len({row.run_started for row in rows}))
+        return DetectResult(plan.width, plan.height, detections,
+                            {k: round(v * 1000, 3) for k, v in timing.items()},
+                            max(row.batch_size for row in rows), report)
+
+    def _tile_plan(self, data: bytes, orientation: OrientationMode, tiling: Tiling) -> TilePlan:
+        """The tiles of an upload, from its header (decoding nothing): TooManyTiles over
+        MAX_TILES, or over what this version admits at once."""
+        header = check_header(data, self.settings.max_pixels)
+        if header.size is None:
+            raise InvalidImage("tiling needs the image's size, and this file's header does not "
+                               "give it (re-encode it as JPEG or PNG)")
+        turn = header.orientation if orientation == "exif" else 1
+        width, height = oriented_size(header.size[0], header.size[1], turn)
+        info, max_tiles = self.engine.info, self.settings.max_tiles
+        tile = tiling.tile_size(width, height, (info.input_width, info.input_height), max_tiles)
+        if tile is None:
+            return TilePlan(width, height, None, tiling.overlap, [], tiling.full_image)
+        count = tile_count(width, height, tile, tiling.overlap)
+        if count > max_tiles:
+            raise TooManyTiles(f"tiles of {tile} px at overlap {tiling.overlap} cut this "
+                               f"{width}x{height} image into {count} tiles; the limit is "
+                               f"{max_tiles} (MAX_TILES): ask for larger tiles, or tile=auto")
+        if count + tiling.full_image > self.max_admitted:
+            raise TooManyTiles(f"{count + tiling.full_image} engine images for one image; this "
+                               f"model admits {self.max_admitted} at once: ask for larger tiles")
+        return TilePlan(width, height, tile, tiling.overlap,
+                        tile_grid(width, height, tile, tiling.overlap), tiling.full_image)
+
+    def _prepare_tiles(self, data: bytes, orientation: OrientationMode, plan: TilePlan,
+                       views: list[npt.NDArray[np.float32] | None]) -> list[PreparedImage]:
+        """One decode of the upload (full resolution, upright), then each tile (and the whole
+        image) resized into its own place, as ``prepare`` resizes an image: PIL's bilinear
+        over the tile's box (exact; its edges read the pixels beyond it, no copy of the tile is
+        made) or OpenCV on a view of it (fast)."""
+        started = time.perf_counter()
+        info = self.engine.info
+        mean, std = self._mean_std
+        sources, prepared = plan.sources, []
+        if self.settings.preprocess == "exact":
+            rgb = open_rgb(data, self.settings.max_pixels, orientation)
+            if rgb.size != (plan.width, plan.height):
+                raise InvalidImage("the image's size differs from what its header says")
+            for tile, view in zip(sources, views):
+                prepared.append(prepare_exact(
+                    rgb, info.input_width, info.input_height, info.resize, mean, std, view,
+                    box=(tile.x, tile.y, tile.x + tile.width, tile.y + tile.height)))
+        else:
+            image = decode(data, self.settings.max_pixels, orientation=orientation).image
+            if image.shape[:2] != (plan.height, plan.width):
+                raise InvalidImage("the image's size differs from what its header says")
+            for tile, view in zip(sources, views):
+                prepared.append(prepare(
+                    image[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width],
+                    info.input_width, info.input_height, info.resize, mean, std, None, view))
+        self.metrics.preprocess.observe(time.perf_counter() - started)
+        return prepared
+
+    def _merged(self, rows: list[_Row], prepared: list[PreparedImage], plan: TilePlan,
+                tiling: Tiling, params: DetectParams) -> list[Detection]:
+        """The tiles' detections at or above the threshold (and of the classes asked for), in
+        the original's pixels, merged, then selected as one image's."""
+        boxes, scores, labels = [], [], []
+        wanted = (None if params.class_ids is None
+                  else np.fromiter(params.class_ids, np.int64, len(params.class_ids)))
+        for row, image, tile in zip(rows, prepared, plan.sources):
+            keep = row.scores >= params.score_threshold
+            if wanted is not None:
+                keep &= np.isin(row.labels, wanted)
+            boxes.append(shift(original_boxes(row.boxes[keep], image.letterbox), tile))
+            scores.append(row.scores[keep])
+            labels.append(row.labels[keep])
+        merged_boxes, merged_scores, merged_labels = merge(
+            np.concatenate(boxes), np.concatenate(scores), np.concatenate(labels),
+            tiling.merge, tiling.merge_threshold, tiling.merge_metric, tiling.class_aware)
+        return select(merged_labels.astype(np.int64), merged_boxes.astype(np.float32),
+                      merged_scores.astype(np.float32), plan.width, plan.height,
+                      self.engine.info.labels, params.score_threshold, params.max_detections,
+                      None, None, params.clip, params.dedupe_iou)
+
+    async def infer_tiled(self, data: bytes | memoryview, params: DetectParams) -> Official:
+        """``infer`` of a tiled image (the Open Inference Protocol's ``tile`` parameters):
+        ``detect``'s detections in the official layout."""
+        result = await self.detect(data if isinstance(data, bytes) else bytes(data), params)
+        found = result.detections
+        return Official(np.asarray([d.class_id for d in found], np.int64),
+                        np.asarray([d.box for d in found], np.float32).reshape(-1, 4),
+                        np.asarray([d.score for d in found], np.float32))
 
     async def infer(self, data: bytes | memoryview | None = None,
                     prepared: PreparedImage | None = None) -> Official:

@@ -47,6 +47,75 @@ _BLOCK_ROWS = 4096
 _BLOCK_CELLS = 1 << 18
 
 
+# Defaults of a request's tiling: SAHI's (get_sliced_prediction: 0.2 overlap, the whole-image
+# pass on, GREEDYNMM on intersection-over-smaller at 0.5).
+DEFAULT_OVERLAP = AUTO_OVERLAP
+DEFAULT_MERGE: MergeMethod = "greedy_nmm"
+DEFAULT_MERGE_THRESHOLD = 0.5
+DEFAULT_MERGE_METRIC: MatchMetric = "ios"
+MIN_TILE = 32  # pixels: a window smaller than this is no image a detector can read
+MAX_TILE = 1 << 16
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How one request asks for its image to be tiled: ``tile`` a size in the original image's
+    pixels or "auto" (``auto_tile``: none for an image near the model's input size); the
+    tiles' ``overlap``; how their detections are merged (``merge``, ``merge_threshold``,
+    ``merge_metric``, ``class_aware``); ``full_image``: the whole image is run too, and its
+    detections merged with the tiles' (SAHI's ``perform_standard_pred``)."""
+
+    tile: int | Literal["auto"] = "auto"
+    overlap: float = DEFAULT_OVERLAP
+    merge: MergeMethod = DEFAULT_MERGE
+    merge_threshold: float = DEFAULT_MERGE_THRESHOLD
+    merge_metric: MatchMetric = DEFAULT_MERGE_METRIC
+    full_image: bool = True
+    class_aware: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tile != "auto" and not (isinstance(self.tile, int)
+                                        and MIN_TILE <= self.tile <= MAX_TILE):
+            raise ValueError(f"tile must be auto or {MIN_TILE} to {MAX_TILE} pixels, "
+                             f"got {self.tile!r}")
+        if not (math.isfinite(self.overlap) and 0.0 <= self.overlap <= 0.9):
+            raise ValueError(f"tile_overlap must be in [0, 0.9], got {self.overlap}")
+        if self.merge not in MERGE_METHODS:
+            raise ValueError(f"tile_merge must be one of {', '.join(MERGE_METHODS)}, "
+                             f"got {self.merge!r}")
+        if self.merge_metric not in MATCH_METRICS:
+            raise ValueError(f"tile_merge_metric must be one of {', '.join(MATCH_METRICS)}, "
+                             f"got {self.merge_metric!r}")
+        if not (math.isfinite(self.merge_threshold) and 0.0 < self.merge_threshold <= 1.0):
+            raise ValueError(f"tile_merge_threshold must be in (0, 1], "
+                             f"got {self.merge_threshold}")
+
+    def tile_size(self, width: int, height: int, input_size: tuple[int, int],
+                  max_tiles: int) -> int | None:
+        """The tile size for a ``width`` x ``height`` (upright) image, None for no tiling: an
+        "auto" that declines, or a tile that covers the whole image."""
+        if self.tile == "auto":
+            return auto_tile(width, height, input_size, overlap=self.overlap,
+                             max_tiles=min(max_tiles, AUTO_MAX_TILES))
+        return None if self.tile >= max(width, height) else self.tile
+
+
+def parse_tile(text: str) -> int | Literal["auto"] | None:
+    """A ``tile`` setting or parameter: "auto", a size in pixels, or "none"/"off"/"0"/"" (no
+    tiling: None). ValueError on anything else."""
+    value = text.strip().lower()
+    if value in ("", "none", "off", "0", "false"):
+        return None
+    if value == "auto":
+        return "auto"
+    if value.isascii() and value.isdigit() and len(value) <= 6:
+        size = int(value)
+        if MIN_TILE <= size <= MAX_TILE:
+            return size
+    raise ValueError(f"tile must be auto, none, or a size of {MIN_TILE} to {MAX_TILE} pixels; "
+                     f"got {text[:32]!r}")
+
+
 @dataclass(frozen=True)
 class Tile:
     """A window of the original image, in its pixels: columns x..x+width, rows y..y+height."""

@@ -7,7 +7,7 @@ thread, and those hops cost more CPU per /detect request than everything else in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal, cast
 
 from fastapi import Depends, Query, Request
 
@@ -19,6 +19,7 @@ from app.model_repository import MAX_VERSION
 from app.orientation import OrientationMode
 from app.routing import Routing
 from app.service import Detector, DetectParams
+from app.tiling import MatchMetric, MergeMethod, Tiling, parse_tile
 
 if TYPE_CHECKING:
     from app.streams.manager import StreamManager
@@ -56,6 +57,7 @@ async def get_state(request: Request) -> AppState:
 
 StateDep = Annotated[AppState, Depends(get_state)]
 MAX_NAME_CHARS = 128
+MAX_DETECTIONS = 300  # the official export's top-k
 
 
 def bind(request: Request, detector: Detector) -> Detector:
@@ -146,7 +148,7 @@ async def detect_params(
     score_threshold: Annotated[float | None, Query(
         ge=0, le=1, description="drop detections below this score (default: setting)")] = None,
     max_detections: Annotated[int | None, Query(
-        ge=1, le=300, description="keep at most this many detections per image")] = None,
+        ge=1, le=MAX_DETECTIONS, description="keep at most this many detections per image")] = None,
     classes: Annotated[str | None, Query(
         max_length=4096, description="comma list of class names or ids to keep")] = None,
     clip: Annotated[bool | None, Query(
@@ -159,17 +161,72 @@ async def detect_params(
         description="exif: turn the photo as its EXIF orientation says, as viewers show it; "
                     "stored: pixels as stored, as the official pipeline (default: setting "
                     "ORIENTATION, exif)")] = None,
+    tile: Annotated[str | None, Query(
+        max_length=16, description="tiled inference for small objects: a tile size in the "
+        "original image's pixels, auto (tiles only an image much larger than the model's "
+        "input), or none (default: setting TILE, none)")] = None,
+    tile_overlap: Annotated[float | None, Query(
+        ge=0, le=0.9, description="overlap of neighbouring tiles, a fraction of the tile "
+        "(default: setting, 0.2)")] = None,
+    tile_merge: Annotated[MergeMethod | None, Query(
+        description="merging of the tiles' detections: greedy_nmm (a box cut by a tile border "
+        "comes back whole), nms, none (default: setting, greedy_nmm)")] = None,
+    tile_merge_threshold: Annotated[float | None, Query(
+        gt=0, le=1, description="overlap at which two detections merge (default: setting, "
+        "0.5)")] = None,
+    tile_merge_metric: Annotated[MatchMetric | None, Query(
+        description="ios (intersection over the smaller box) or iou (default: setting, "
+        "ios)")] = None,
+    tile_full_image: Annotated[bool | None, Query(
+        description="run the whole image too, and merge its detections with the tiles' "
+        "(default: setting, true)")] = None,
+    tile_class_aware: Annotated[bool | None, Query(
+        description="merge only detections of one class (default: true)")] = None,
 ) -> DetectParams:
+    tiling = tiling_for(detector, tile, tile_overlap, tile_merge, tile_merge_threshold,
+                        tile_merge_metric, tile_full_image, tile_class_aware)
     return params_for(detector, score_threshold, max_detections, classes, clip, dedupe_iou,
-                      orientation)
+                      orientation, tiling)
+
+
+def tiling_for(detector: Detector, tile: str | int | None = None,
+               overlap: float | None = None, merge: str | None = None,
+               merge_threshold: float | None = None, metric: str | None = None,
+               full_image: bool | None = None, class_aware: bool | None = None
+               ) -> Tiling | None:
+    """A request's tiling: what it asked for over the model's defaults (settings.json, then
+    the service's TILE settings); None: untiled. InvalidRequest for a value out of range."""
+    base = detector.default_tiling
+    try:
+        size = parse_tile(str(tile)) if tile is not None else (
+            base.tile if base is not None else None)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if size is None:
+        return None
+    settings = detector.settings
+    try:
+        return Tiling(
+            tile=size,
+            overlap=settings.tile_overlap if overlap is None else overlap,
+            merge=cast(MergeMethod, settings.tile_merge if merge is None else merge),
+            merge_threshold=(settings.tile_merge_threshold if merge_threshold is None
+                             else merge_threshold),
+            merge_metric=cast(MatchMetric, settings.tile_merge_metric if metric is None
+                              else metric),
+            full_image=settings.tile_full_image if full_image is None else full_image,
+            class_aware=True if class_aware is None else class_aware)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 def params_for(detector: Detector, score_threshold: float | None = None,
                max_detections: int | None = None, classes: str | None = None,
                clip: bool | None = None, dedupe_iou: float | None = None,
-               orientation: OrientationMode | None = None) -> DetectParams:
+               orientation: OrientationMode | None = None,
+               tiling: Tiling | Literal["default"] | None = "default") -> DetectParams:
     """A detection's parameters: the query's (validated already), else the model's own
-    settings (its settings.json over the service's)."""
+    settings (its settings.json over the service's); ``tiling`` "default": the model's."""
     settings = detector.settings
     return DetectParams(
         score_threshold=settings.score_threshold if score_threshold is None else score_threshold,
@@ -178,6 +235,7 @@ def params_for(detector: Detector, score_threshold: float | None = None,
         clip=settings.clip_boxes if clip is None else clip,
         dedupe_iou=settings.dedupe_iou if dedupe_iou is None else dedupe_iou,
         orientation=orientation or settings.orientation,
+        tiling=detector.default_tiling if tiling == "default" else tiling,
     )
 
 

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.deps import MAX_NAME_CHARS, AppState, bind, params_for
+from app.api.deps import MAX_DETECTIONS, MAX_NAME_CHARS, AppState, bind, params_for
 from app.api.errors import service_error_response, unexpected_error_response
 from app.api.keys import authorize
 from app.api.routes import result_json, until_disconnect
@@ -39,7 +39,6 @@ _VERSION = re.compile(r"[1-9][0-9]{0,9}\Z")
 _BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
 _ORIENTATIONS = ("exif", "stored")
 MAX_CLASSES_CHARS = 4096
-MAX_DETECTIONS = 300
 
 
 def _fraction(text: str) -> float | None:
@@ -82,8 +81,8 @@ def plain_query(query_string: bytes) -> dict[str, Any] | None:
         elif name == "version":  # (empty: FastAPI refuses it, as no integer)
             if not _VERSION.match(text) or int(text) > MAX_VERSION:
                 return None
-        elif name == "model" and len(text) > MAX_NAME_CHARS:
-            return None
+        elif (name == "model" and len(text) > MAX_NAME_CHARS) or name.startswith("tile"):
+            return None  # (tile*: FastAPI's route reads and validates the tiling)
     return params
 
 

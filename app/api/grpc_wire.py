@@ -267,7 +267,9 @@ def parse_infer_request(message: bytes, limits: Limits) -> tuple[InferRequest, A
     raw = [data[r.start:r.end] for r in scan.raw]
     wanted = [o.name for o in request.outputs] or None
     tensors = _tensors(request, raw, scan.files, limits)
-    return InferRequest(request.id or None, tensors, wanted), request
+    parameters = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+                  for key, value in request.parameters.items()}
+    return InferRequest(request.id or None, tensors, wanted, parameters=parameters), request
 
 
 def _tensors(request: Any, raw: Sequence[memoryview], files: list[list[memoryview]],

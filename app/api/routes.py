@@ -125,13 +125,16 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 def _result_body(detector: Detector, result: DetectResult) -> dict[str, Any]:
     """The DetectResponse schema's JSON, built directly: pydantic validation of our own output
     is measurable per request, and the schema still documents it in OpenAPI."""
-    return {
+    body = {
         "model": detector.name,
         "version": detector.version,
         "image": {"width": result.width, "height": result.height},
         "detections": [detection_json(d) for d in result.detections],
         "timing_ms": result.timing_ms,
     }
+    if result.tiling is not None:
+        body["tiling"] = result.tiling.json()
+    return body
 
 
 def _json(body: dict[str, Any]) -> Response:

@@ -45,6 +45,7 @@ class InferRequest:
     outputs: list[str] | None  # names asked for; None: all
     binary: dict[str, bool] = field(default_factory=dict)  # an output's own binary_data
     binary_default: bool = False  # the request's binary_data_output
+    parameters: dict[str, Any] = field(default_factory=dict)  # the request's own
 
     def wants_binary(self, output: str) -> bool:
         return self.binary.get(output, self.binary_default)
@@ -102,7 +103,7 @@ def parse_request(body: bytes | bytearray, header_length: int | None, limits: Li
     if not isinstance(parameters, dict):
         raise InvalidRequest("'parameters' must be an object")
     return InferRequest(request_id, inputs, names, binary,
-                        _flag(parameters, "binary_data_output", "the request"))
+                        _flag(parameters, "binary_data_output", "the request"), parameters)
 
 
 def _bound_json(text: bytes | bytearray, limits: Limits) -> None:

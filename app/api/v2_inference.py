@@ -20,13 +20,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from app.api.deps import MAX_DETECTIONS, params_for, tiling_for
 from app.api.v2_codec import InferRequest, Limits
 from app.errors import InvalidRequest, NotFound
 from app.imaging import MAX_SIDE as MAX_TARGET_SIDE
 from app.imaging import PreparedImage
 from app.labels import label_name
 from app.model_repository import parse_version
-from app.service import Detector, Official
+from app.service import Detector, DetectParams, Official
 
 T = TypeVar("T")
 OUTPUTS = ("labels", "boxes", "scores", "names")
@@ -117,18 +118,71 @@ def check_outputs(wanted: list[str] | None) -> None:
         raise InvalidRequest(f"unknown output(s) {sorted(unknown)}; outputs: {list(OUTPUTS)}")
 
 
+# The request parameters of tiled inference (the query parameters of /detect), and those that
+# shape a tiled answer's detections.
+TILING_PARAMETERS = ("tile", "tile_overlap", "tile_merge", "tile_merge_threshold",
+                     "tile_merge_metric", "tile_full_image", "tile_class_aware")
+
+
+def _typed(parameters: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = parameters.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and kind is not bool:
+        raise InvalidRequest(f"parameter {name} must be a {_KIND_NAMES[kind]}, not true/false")
+    if not isinstance(value, kind):
+        raise InvalidRequest(f"parameter {name} must be a {_KIND_NAMES[kind]}")
+    return value
+
+
+_NUMBER = (int, float)
+_KIND_NAMES: dict[Any, str] = {bool: "boolean", str: "string", _NUMBER: "number",
+                               (str, int): "string or integer", int: "integer"}
+
+
+def tiled_params(parameters: dict[str, Any], detector: Detector) -> DetectParams | None:
+    """The detection parameters of a tiled request (its parameters over the model's tiling
+    defaults), None for an untiled one. A tiled image is answered with /detect's detections
+    (``score_threshold``, ``max_detections``: the model's settings unless given)."""
+    if not any(name in parameters for name in TILING_PARAMETERS) and (
+            detector.default_tiling is None):
+        return None
+    tiling = tiling_for(
+        detector, _typed(parameters, "tile", (str, int)),
+        _typed(parameters, "tile_overlap", _NUMBER), _typed(parameters, "tile_merge", str),
+        _typed(parameters, "tile_merge_threshold", _NUMBER),
+        _typed(parameters, "tile_merge_metric", str),
+        _typed(parameters, "tile_full_image", bool), _typed(parameters, "tile_class_aware", bool))
+    if tiling is None:
+        return None
+    threshold = _typed(parameters, "score_threshold", _NUMBER)
+    count = _typed(parameters, "max_detections", int)
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise InvalidRequest("parameter score_threshold must be from 0 to 1")
+    if count is not None and not 1 <= count <= MAX_DETECTIONS:
+        raise InvalidRequest(f"parameter max_detections must be from 1 to {MAX_DETECTIONS}")
+    return params_for(detector, score_threshold=threshold, max_detections=count,
+                      tiling=tiling)
+
+
 def jobs(parsed: InferRequest, detector: Detector
           ) -> list[Callable[[], Coroutine[Any, Any, Official]]]:
     """One engine submission per image (started later), from encoded files or from
     preprocessed tensors."""
     limit = detector.settings.max_batch_images
     files = [t for t in parsed.inputs.values() if t.datatype == "BYTES"]
+    params = tiled_params(parsed.parameters, detector)
     if files:
         images = files[0].value
         assert isinstance(images, list)
         if not 0 < len(images) <= limit:
             raise InvalidRequest(f"send 1 to {limit} images; got {len(images)}")
+        if params is not None:
+            return [functools.partial(detector.infer_tiled, data, params) for data in images]
         return [functools.partial(detector.infer, data=data) for data in images]
+    if params is not None and any(name in parsed.parameters for name in TILING_PARAMETERS):
+        raise InvalidRequest("tiling needs the image files (a BYTES input), not tensors "
+                             "preprocessed already")
     tensor = parsed.inputs.get("images")
     info = detector.engine.info
     if tensor is None or tensor.datatype != "FP32":
@@ -156,7 +210,10 @@ def jobs(parsed: InferRequest, detector: Detector
 
 def result_tensors(results: list[Official], wanted: list[str] | None, detector: Detector
                    ) -> list[OutputTensor]:
-    """The outputs asked for (default: all), in the official layout, one row per image."""
+    """The outputs asked for (default: all), in the official layout, one row per image.
+    Rows of different lengths (tiled answers) are padded to the longest: label -1, score 0,
+    box 0, name empty."""
+    results = _padded(results)
     labels = np.stack([r.labels for r in results]).astype(np.int64)
     names = detector.engine.info.labels
     made = {
@@ -166,6 +223,19 @@ def result_tensors(results: list[Official], wanted: list[str] | None, detector: 
         "scores": lambda: OutputTensor("scores", "FP32", np.stack(
             [r.scores for r in results]).astype(np.float32)),
         "names": lambda: OutputTensor("names", "BYTES", [
-            [label_name(names, int(v)).encode() for v in row] for row in labels]),
+            [label_name(names, int(v)).encode() if v >= 0 else b"" for v in row]
+            for row in labels]),
     }
     return [made[name]() for name in (wanted or OUTPUTS)]
+
+
+def _padded(results: list[Official]) -> list[Official]:
+    longest = max(len(r.labels) for r in results)
+    if all(len(r.labels) == longest for r in results):
+        return results
+    return [Official(
+        np.concatenate([r.labels, np.full(longest - len(r.labels), -1, np.int64)]),
+        np.concatenate([r.boxes.reshape(-1, 4),
+                        np.zeros((longest - len(r.labels), 4), np.float32)]),
+        np.concatenate([r.scores, np.zeros(longest - len(r.labels), np.float32)]))
+        for r in results]

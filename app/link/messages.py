@@ -55,6 +55,14 @@ class Run:
 
 
 @dataclass(frozen=True)
+class RunMany:
+    """Runs queued together, under one lock of the batcher (the tiles of one image): each is
+    answered on its own id; a Cancel of any one cancels them all."""
+
+    runs: tuple[Run, ...]
+
+
+@dataclass(frozen=True)
 class Cancel:
     """The client of run ``id`` has gone: drop it if its batch has not started."""
 

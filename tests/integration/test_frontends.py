@@ -423,3 +423,39 @@ def test_client_tensors_take_one_slot_each(service: Server) -> None:
     for thread in threads:
         thread.join()
     assert statuses == [200, 200, 200]
+
+
+def test_an_images_tiles_cross_to_the_engine_process_together_and_leak_no_slot(
+        service: Server) -> None:
+    """A tiled request through a front end: its tiles go to the engine process in one message
+    and are queued there under one lock (batches of up to 8, not one run each), answered as in
+    one process; a client that leaves mid-request leaves every slot behind it free."""
+    import cv2
+
+    image = render_scene(5)[0]
+    big = encode(cv2.resize(image, (image.shape[1] * 2, image.shape[0] * 2)))
+    url = f"{service.url}/detect?tile=640"
+    answer = json.loads(urllib_post(url, big))
+    tiling = answer["tiling"]
+    assert tiling["engine_images"] == len(tiling["tiles"]) + 1 > 8
+    assert tiling["engine_runs"] < tiling["engine_images"]
+    assert answer["detections"]
+    port = int(service.url.rsplit(":", 1)[1])
+    for _ in range(6):  # clients that leave while their tiles are queued or running
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", "/detect?tile=640", big, JPEG)
+        connection.sock.close()
+        connection.close()
+    # Every slot comes back: requests of as many images as a front end admits still pass.
+    for _ in range(4):
+        assert json.loads(urllib_post(url, big))["tiling"]["engine_images"] == (
+            tiling["engine_images"])
+
+
+def urllib_post(url: str, body: bytes) -> bytes:
+    import urllib.request
+
+    request = urllib.request.Request(url, body, JPEG, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as response:
+        data: bytes = response.read()
+        return data

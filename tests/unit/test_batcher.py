@@ -244,3 +244,40 @@ async def test_watchdog_cuts_off_a_hung_run_and_the_batcher_carries_on() -> None
     assert batcher.inflight == 0
     assert await batcher.submit(4, timeout_s=5) == 8
     await batcher.stop()
+
+
+async def test_payloads_submitted_together_run_together_on_an_idle_engine() -> None:
+    """submit_many (an image's tiles) queues them under one lock: the engine thread that wakes
+    takes them all, where separate submits on an idle engine may start a run with the first."""
+    engine = StubEngine()
+    batcher = make(engine, max_batch_size=8, max_delay_s=0.0, instances=1)
+    for round_ in range(20):
+        payloads = list(range(round_ * 10, round_ * 10 + 6))
+        assert await batcher.submit_many(payloads, timeout_s=5) == [p * 2 for p in payloads]
+        assert engine.batches[-1] == payloads
+    assert await batcher.submit_many(list(range(11)), timeout_s=5) == [
+        p * 2 for p in range(11)]
+    assert [len(b) for b in engine.batches[-2:]] == [8, 3]
+    await batcher.stop()
+
+
+async def test_submit_many_is_all_or_none_and_a_failure_leaves_nothing_queued() -> None:
+    engine = StubEngine()
+    engine.release.clear()
+    batcher = make(engine, max_batch_size=1, max_queue=3)
+    running = await occupy(batcher, engine)
+    with pytest.raises(Overloaded):
+        await batcher.submit_many([1, 2, 3, 4], timeout_s=5)
+    assert batcher.queue_depth == 0  # none of them was queued
+    group = asyncio.ensure_future(batcher.submit_many([5, 6, 7], timeout_s=5))
+    await queued(batcher, 3)
+    group.cancel()  # the request has gone: every one of its payloads leaves the queue
+    with pytest.raises(asyncio.CancelledError):
+        await group
+    assert batcher.queue_depth == 0
+    engine.release.set()
+    assert await running == 0
+    engine.fail_on = 9
+    with pytest.raises(EngineFailure):
+        await batcher.submit_many([8, 9], timeout_s=5)
+    await batcher.stop()

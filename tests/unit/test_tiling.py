@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ import pytest
 from app.tiling import (
     AUTO_MAX_TILES,
     Tile,
+    Tiling,
     auto_tile,
     merge,
+    parse_tile,
     shift,
     tile_count,
     tile_grid,
@@ -440,3 +443,37 @@ def test_merging_thousands_of_boxes_is_quick() -> None:
         assert 0 < len(merged[0]) < len(boxes)
     # a pure-Python pairwise loop over 5,000 boxes takes tens of seconds
     assert time.perf_counter() - started < 3.0
+
+
+# --- a request's tiling options ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("auto", "auto"), (" AUTO ", "auto"), ("640", 640), ("32", 32), ("none", None),
+    ("off", None), ("0", None), ("", None)])
+def test_parse_tile_reads_auto_sizes_and_none(text: str, value: object) -> None:
+    assert parse_tile(text) == value
+
+
+@pytest.mark.parametrize("text", ["31", "65537", "-640", "6.5", "big", "٣٢٠", "1e3", "1000000"])
+def test_parse_tile_refuses_anything_else(text: str) -> None:
+    with pytest.raises(ValueError, match="tile must be"):
+        parse_tile(text)
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"tile": 16}, "tile must be"), ({"overlap": 0.95}, "tile_overlap"),
+    ({"overlap": float("nan")}, "tile_overlap"), ({"merge": "mean"}, "tile_merge must"),
+    ({"merge_metric": "giou"}, "tile_merge_metric"), ({"merge_threshold": 0.0}, "threshold"),
+    ({"merge_threshold": 1.5}, "threshold")])
+def test_tiling_options_out_of_range_are_refused(kwargs: dict[str, Any], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        Tiling(**kwargs)
+
+
+def test_the_tile_size_of_an_image() -> None:
+    assert Tiling(tile="auto").tile_size(600, 450, (320, 320), 16) is None
+    assert Tiling(tile="auto").tile_size(2048, 2048, (320, 320), 16) == 640
+    assert Tiling(tile="auto").tile_size(2048, 2048, (320, 320), 4) == 1280  # MAX_TILES 4
+    assert Tiling(tile=640).tile_size(2048, 500, (320, 320), 16) == 640
+    assert Tiling(tile=640).tile_size(640, 480, (320, 320), 16) is None  # one window: whole
