@@ -38,6 +38,7 @@ _COUNT = re.compile(r"[1-9][0-9]{0,2}\Z")
 _VERSION = re.compile(r"[1-9][0-9]{0,9}\Z")
 _BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
 _ORIENTATIONS = ("exif", "stored")
+_NO_TILING = ("none", "off", "0", "false", "")
 MAX_CLASSES_CHARS = 4096
 
 
@@ -81,6 +82,8 @@ def plain_query(query_string: bytes) -> dict[str, Any] | None:
         elif name == "version":  # (empty: FastAPI refuses it, as no integer)
             if not _VERSION.match(text) or int(text) > MAX_VERSION:
                 return None
+        elif name == "tile" and text in _NO_TILING:  # what the web page sends untiled
+            params["tiling"] = None
         elif (name == "model" and len(text) > MAX_NAME_CHARS) or name.startswith("tile"):
             return None  # (tile*: FastAPI's route reads and validates the tiling)
     return params
