@@ -271,8 +271,11 @@ class DynamicBatcher(Generic[P, R]):
             return await (asyncio.shield(item.future) if hold_while_running else item.future)
         except asyncio.CancelledError:  # the client went away (its batch may have started)
             if not self._abandon(item, "cancelled") and hold_while_running:
-                with contextlib.suppress(Exception):
-                    await item.future  # the run ends (the watchdog bounds it)
+                # The run ends (the watchdog bounds it), however often this is cancelled
+                # meanwhile: its payload is read until then.
+                while not item.future.done():
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await asyncio.shield(item.future)
             raise
         finally:
             expiry.cancel()

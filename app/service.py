@@ -32,7 +32,7 @@ from app.postprocess import Detection, original_boxes, select
 from app.render import ImageFormat, draw
 from app.render import encode as encode_image
 from app.threads import name_os_thread
-from app.tiling import Tile, Tiling, merge, shift, tile_count, tile_grid
+from app.tiling import Tile, Tiling, cut_by_border, merge, shift, tile_count, tile_grid
 from app.trim import IdleTrimmer
 
 MAX_ROOM_WAITERS = 256
@@ -262,7 +262,7 @@ class Detector:
         self.serial = next(_SERIALS)  # tells a version's detectors apart (a rewritten file)
         self._pins = 0
         self._trimmer = IdleTrimmer()
-        self._room_waiters: deque[asyncio.Future[None]] = deque()
+        self._room_waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self.accepting = True
         # Renders decode the full image again, draw and encode it: their own threads, so that
         # they never hold up the decoding of /detect requests, and a bound on those in flight
@@ -303,9 +303,10 @@ class Detector:
         """Hold places for ``images`` images for one request, or raise Overloaded (NotReady when
         draining). Release them with ``release``.
 
-        When full, a one-image request may wait up to ``wait_s`` (without CPU) for a place,
-        handed over in arrival order by ``release``; at most MAX_ROOM_WAITERS wait, each holding
-        only what uvicorn buffered of its body (its flow control stops near 64 KiB). Under
+        When full, a request may wait up to ``wait_s`` (without CPU) for its places, handed
+        over in arrival order by ``release`` (the first in line takes its places before any
+        later one, however many it needs); at most MAX_ROOM_WAITERS wait, each holding only
+        what uvicorn buffered of its body (its flow control stops near 64 KiB). Under
         overload, clients that retry at once otherwise turn refusals into the main load.
         """
         if not self.accepting:
@@ -313,18 +314,24 @@ class Detector:
         if self._admitted + images <= self.max_admitted and not self._room_waiters:
             self._admitted += images
             return
-        if images > 1 or wait_s <= 0 or len(self._room_waiters) >= MAX_ROOM_WAITERS:
+        if (wait_s <= 0 or images > self.max_admitted
+                or len(self._room_waiters) >= MAX_ROOM_WAITERS):
             raise Overloaded(retry_after_s=1)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._room_waiters.append(waiter)
+        entry = (waiter, images)
+        self._room_waiters.append(entry)
         try:
-            await asyncio.wait_for(waiter, wait_s)  # on success the place is already ours
-        except TimeoutError:
-            if waiter.done() and not waiter.cancelled():  # granted just as time ran out
-                self.release(1)
+            await asyncio.wait_for(waiter, wait_s)  # on success the places are already ours
+        except BaseException as exc:  # out of time, or the request cancelled (its client left)
             with contextlib.suppress(ValueError):
-                self._room_waiters.remove(waiter)
-            raise Overloaded(retry_after_s=1) from None
+                self._room_waiters.remove(entry)
+            if waiter.done() and not waiter.cancelled():  # granted just as it gave up
+                self.release(images)
+            else:
+                self._grant()  # a large request that gave up may have held smaller ones back
+            if isinstance(exc, TimeoutError):
+                raise Overloaded(retry_after_s=1) from None
+            raise
 
     def release(self, images: int) -> None:
         self._admitted -= images
@@ -332,11 +339,19 @@ class Detector:
             if self._local is not None:
                 self._local.idle()
             self._trimmer.idle()
-        while self._room_waiters and self._admitted < self.max_admitted:
-            waiter = self._room_waiters.popleft()  # the longest waiting first
-            if not waiter.done():
-                self._admitted += 1  # handed over: a newcomer cannot take it first
-                waiter.set_result(None)
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._room_waiters:
+            waiter, wanted = self._room_waiters[0]  # the longest waiting first
+            if waiter.done():
+                self._room_waiters.popleft()
+                continue
+            if self._admitted + wanted > self.max_admitted:
+                return
+            self._room_waiters.popleft()
+            self._admitted += wanted  # handed over: a newcomer cannot take them first
+            waiter.set_result(None)
 
     @cached_property
     def default_tiling(self) -> Tiling | None:
@@ -506,7 +521,7 @@ class Detector:
             result = await self._detect(params, self._prepare_bytes, [data, params.orientation])
             return replace(result, tiling=TilingReport(plan, 1))
         extra = plan.images - 1
-        await self.acquire(extra, 0)
+        await self.acquire(extra, self.settings.admission_wait_ms / 1000)
         try:
             places: list[Place] = []
             try:
@@ -522,7 +537,8 @@ class Detector:
                     place.release()
         finally:
             self.release(extra)
-        detections = self._merged(rows, prepared, plan, tiling, params)
+        # Off the event loop: thousands of boxes (a low threshold) take tens of milliseconds.
+        detections = await self._in_pool(self._merged, rows, prepared, plan, tiling, params)
         finished = time.perf_counter()
         run_started = min(row.run_started for row in rows)
         timing = {
@@ -591,21 +607,29 @@ class Detector:
 
     def _merged(self, rows: list[_Row], prepared: list[PreparedImage], plan: TilePlan,
                 tiling: Tiling, params: DetectParams) -> list[Detection]:
-        """The tiles' detections at or above the threshold (and of the classes asked for), in
-        the original's pixels, merged, then selected as one image's."""
-        boxes, scores, labels = [], [], []
+        """The windows' detections at or above the threshold (and of the classes asked for),
+        each window's best ``max_detections`` (the answer keeps no more), in the original's
+        pixels, merged (growing only boxes that reach an inner tile border), then selected as
+        one image's."""
+        boxes, scores, labels, cut = [], [], [], []
         wanted = (None if params.class_ids is None
                   else np.fromiter(params.class_ids, np.int64, len(params.class_ids)))
+        margin = max(2.0, 0.01 * (plan.tile or 0))
         for row, image, tile in zip(rows, prepared, plan.sources):
             keep = row.scores >= params.score_threshold
             if wanted is not None:
                 keep &= np.isin(row.labels, wanted)
-            boxes.append(shift(original_boxes(row.boxes[keep], image.letterbox), tile))
-            scores.append(row.scores[keep])
-            labels.append(row.labels[keep])
+            index = np.flatnonzero(keep)
+            index = index[np.argsort(-row.scores[index], kind="stable")[:params.max_detections]]
+            shifted = shift(original_boxes(row.boxes[index], image.letterbox), tile)
+            boxes.append(shifted)
+            scores.append(row.scores[index])
+            labels.append(row.labels[index])
+            cut.append(cut_by_border(shifted, tile, plan.width, plan.height, margin))
         merged_boxes, merged_scores, merged_labels = merge(
             np.concatenate(boxes), np.concatenate(scores), np.concatenate(labels),
-            tiling.merge, tiling.merge_threshold, tiling.merge_metric, tiling.class_aware)
+            tiling.merge, tiling.merge_threshold, tiling.merge_metric, tiling.class_aware,
+            np.concatenate(cut))
         return select(merged_labels.astype(np.int64), merged_boxes.astype(np.float32),
                       merged_scores.astype(np.float32), plan.width, plan.height,
                       self.engine.info.labels, params.score_threshold, params.max_detections,

@@ -96,7 +96,9 @@ class AdmissionGate:
             return
         images = self._images(scope, path)
         try:
-            await detector.acquire(images, self.wait_s)
+            # A request of several images is not kept waiting at the door (it would hold back
+            # every one-image request behind it).
+            await detector.acquire(images, self.wait_s if images == 1 else 0)
         except Overloaded:
             self.state.metrics.errors.labels(code=Overloaded.code).inc()
             body, headers = _V2_REFUSAL if _is_infer(path) else _REFUSAL
@@ -183,7 +185,8 @@ class _Upload:
             self._timer.cancel()
             if self.held == 0 and not self.cut:  # a place again, or 503 (handled as errors are)
                 self._not_slow()
-                await self.detector.acquire(self.images, self.gate.wait_s)
+                await self.detector.acquire(self.images,
+                                            self.gate.wait_s if self.images == 1 else 0)
                 self.held = self.images
         return message
 

@@ -203,6 +203,10 @@ def tiling_for(detector: Detector, tile: str | int | None = None,
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
     if size is None:
+        if tile is None and any(v is not None for v in (overlap, merge, merge_threshold, metric,
+                                                         full_image, class_aware)):
+            raise InvalidRequest("the tile_* parameters need tile (auto or a size): this model "
+                                 "does not tile by default")
         return None
     settings = detector.settings
     try:

@@ -330,7 +330,8 @@ class InferenceService:
         # Places for its images, or for its size in uploads if that is more: what it holds
         # is then counted as a REST body is (the docs' "Memory"); the turn goes to the next.
         places = max(len(work_items), math.ceil(len(message) / detector.settings.max_upload_bytes))
-        await detector.acquire(places, detector.settings.admission_wait_ms / 1000)
+        await detector.acquire(places, detector.settings.admission_wait_ms / 1000
+                               if places == 1 else 0)  # as the HTTP door does
         turn.give_back()
         try:
             results = await all_or_none(job() for job in work_items)

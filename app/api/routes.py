@@ -175,7 +175,13 @@ async def detect_batch(request: Request, detector: DetectorDep, params: ParamsDe
         except ServiceError as exc:
             return exc
 
-    results = await until_disconnect(request, asyncio.gather(*(one(d) for d in images)))
+    async def in_turn() -> list[DetectResult | ServiceError]:
+        return [await one(data) for data in images]
+
+    # Tiled, one image at a time: each takes its tiles' places while it runs (all of them at
+    # once could need more than the model admits), and its tiles fill the batches.
+    results = await until_disconnect(request, asyncio.gather(*(one(d) for d in images))
+                                     if params.tiling is None else in_turn())
     body = []
     for index, result in enumerate(results):
         if isinstance(result, ServiceError):

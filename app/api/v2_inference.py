@@ -178,7 +178,11 @@ def jobs(parsed: InferRequest, detector: Detector
         if not 0 < len(images) <= limit:
             raise InvalidRequest(f"send 1 to {limit} images; got {len(images)}")
         if params is not None:
-            return [functools.partial(detector.infer_tiled, data, params) for data in images]
+            # One image at a time, as /detect/batch runs tiled images: each takes its tiles'
+            # places while it runs.
+            turn = asyncio.Lock()
+            return [functools.partial(_in_turn, turn, detector.infer_tiled, data, params)
+                    for data in images]
         return [functools.partial(detector.infer, data=data) for data in images]
     if params is not None and any(name in parsed.parameters for name in TILING_PARAMETERS):
         raise InvalidRequest("tiling needs the image files (a BYTES input), not tensors "
@@ -227,6 +231,11 @@ def result_tensors(results: list[Official], wanted: list[str] | None, detector: 
             for row in labels]),
     }
     return [made[name]() for name in (wanted or OUTPUTS)]
+
+
+async def _in_turn(turn: asyncio.Lock, work: Callable[..., Awaitable[T]], *args: Any) -> T:
+    async with turn:
+        return await work(*args)
 
 
 def _padded(results: list[Official]) -> list[Official]:

@@ -285,6 +285,30 @@ def test_service_and_model_defaults_apply_and_a_request_overrides_them(
     assert asked["tile"] == 640 and asked["overlap"] == 0.1  # the model's own overlap
 
 
+def test_tiled_batches_of_several_images_fit_the_default_admission(
+        repository_server: Server) -> None:
+    """On the default settings (36 places on this CPU), three images of 17 engine images each:
+    run one after another, each holding its tiles' places while it runs, all are answered."""
+    url = repository_server.url
+    response = httpx.post(f"{url}/detect/batch", params={"tile": 640}, timeout=240,
+                          files=[("images", (f"{k}.jpg", BIG, "image/jpeg")) for k in range(3)])
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["tiling"]["engine_images"] for r in results] == [17, 17, 17]
+    assert results[0]["detections"] == results[2]["detections"]
+    triton = thttp.InferenceServerClient(url.removeprefix("http://"))
+    files = thttp.InferInput("image", [3], "BYTES")
+    files.set_data_from_numpy(np.array([BIG] * 3, dtype=np.object_))
+    answer = triton.infer("inherits", [files], parameters={"tile": 640})
+    assert answer.as_numpy("labels").shape[0] == 3
+
+
+def test_tile_parameters_without_tile_are_refused_where_nothing_tiles(
+        repository_server: Server) -> None:
+    response = _detect(repository_server.url, BIG, model="whole", tile_overlap=0.5)
+    assert response.status_code == 422 and "need tile" in response.text
+
+
 def test_bad_tiling_settings_are_refused_at_start(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="tile"):
         with run_server(tmp_path, "--tile", "huge", ready_timeout_s=30):

@@ -477,3 +477,34 @@ def test_the_tile_size_of_an_image() -> None:
     assert Tiling(tile="auto").tile_size(2048, 2048, (320, 320), 4) == 1280  # MAX_TILES 4
     assert Tiling(tile=640).tile_size(2048, 500, (320, 320), 16) == 640
     assert Tiling(tile=640).tile_size(640, 480, (320, 320), 16) is None  # one window: whole
+
+
+def test_a_box_whole_within_its_tile_does_not_grow_into_a_weaker_larger_one() -> None:
+    """SAHI's greedy merging grows a confident box to a weaker false positive that contains
+    it; with ``cut`` only a box that reaches an inner tile border grows."""
+    boxes = [[100, 100, 150, 150], [90, 90, 400, 300]]  # confident; weak and spanning more
+    scores, labels = [0.98, 0.53], [0, 0]
+    sahi, _, _ = merge(boxes, scores, labels, "greedy_nmm", 0.5, "ios")
+    assert sahi.tolist() == [[90, 90, 400, 300]]
+    kept, kept_scores, _ = merge(boxes, scores, labels, "greedy_nmm", 0.5, "ios",
+                                 cut=[False, False])
+    assert kept.tolist() == [[100, 100, 150, 150]] and kept_scores.tolist() == [0.98]
+    # A piece cut by a border grows to the whole object that another window saw.
+    piece = [[300, 100, 320, 150], [260, 100, 340, 150]]
+    grown, _, _ = merge(piece, [0.9, 0.8], [0, 0], "greedy_nmm", 0.5, "ios", cut=[True, False])
+    assert grown.tolist() == [[260, 100, 340, 150]]
+    with pytest.raises(ValueError, match="cut must be"):
+        merge(boxes, scores, labels, "greedy_nmm", 0.5, "ios", cut=[True])
+
+
+def test_cut_by_border_marks_boxes_at_inner_borders_only() -> None:
+    from app.tiling import cut_by_border
+
+    tile = Tile(100, 0, 200, 200)  # in a 400 x 200 image: inner borders left and right
+    boxes = np.asarray([[101, 10, 150, 60],  # at the left border
+                        [150, 10, 299, 60],  # at the right border
+                        [120, 0, 200, 50],  # at the top, the image's own edge
+                        [120, 40, 200, 200],  # at the bottom, the image's own edge
+                        [110, 40, 290, 150]], float)  # inside
+    assert cut_by_border(boxes, tile, 400, 200, 2.0).tolist() == [
+        True, True, False, False, False]
