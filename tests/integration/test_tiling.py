@@ -310,6 +310,6 @@ def test_tile_parameters_without_tile_are_refused_where_nothing_tiles(
 
 
 def test_bad_tiling_settings_are_refused_at_start(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="tile"):
-        with run_server(tmp_path, "--tile", "huge", ready_timeout_s=30):
-            pass
+    with pytest.raises(RuntimeError, match="tile"), run_server(tmp_path, "--tile", "huge",
+                                                               ready_timeout_s=30):
+        pass
