@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> None:
 
         bench_streams(argv[1:])
         return
+    if argv[:1] == ["bench-tiling"]:
+        from app.bench.tiling import main as bench_tiling
+
+        bench_tiling(argv[1:])
+        return
     if argv[:1] == ["eval"]:
         from app.bench.evaluate import main as evaluate
 

@@ -313,3 +313,21 @@ def test_bad_tiling_settings_are_refused_at_start(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="tile"), run_server(tmp_path, "--tile", "huge",
                                                                ready_timeout_s=30):
         pass
+
+
+def test_the_cost_bench_reports_tiles_and_runs_per_image(running: Running, tmp_path: Path
+                                                         ) -> None:
+    from app.bench.tiling import main as bench_tiling
+
+    (tmp_path / "big.jpg").write_bytes(BIG)
+    out = tmp_path / "rows.json"
+    bench_tiling(["--url", running.url, "--images", str(tmp_path), "--variant", "tile=none",
+                  "--variant", "tile=640", "--concurrency", "1", "--duration-s", "0.5",
+                  "--rounds", "1", "--out", str(out)])
+    import json
+
+    rows = {r["variant"]: r for r in json.loads(out.read_text())}
+    assert rows["tile=none"]["tiles"] == 0 and rows["tile=none"]["engine_images"] == 1
+    assert rows["tile=640"]["tiles"] > 1
+    assert rows["tile=640"]["engine_images"] == rows["tile=640"]["tiles"] + 1
+    assert all(r["images_per_s"] > 0 and r["requests"] >= 1 for r in rows.values())
