@@ -215,6 +215,26 @@ class Settings(BaseSettings):
     stream_reconnect_max_s: float = Field(
         30.0, gt=0, description="a lost live source reconnects with backoff from 0.5 s up to "
         "this, without end (a file source ends)")
+    shm_key_prefixes: str = Field(
+        "", description="Open Inference Protocol system shared memory: the keys a same-host "
+        "client may register, comma-separated prefixes (e.g. /dfine-); empty: off (a key "
+        "names any /dev/shm segment the service's user can open)")
+    max_shm_regions: int = Field(
+        16, ge=0, le=1024, description="system shared-memory regions registered at once, at "
+        "most")
+    max_shm_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, description="the registered regions' sizes together, at most "
+        "(mapped by the service: counted in its memory bound)")
+    trace_level: Literal["off", "timestamps"] = Field(
+        "off", description="traces at start (changed at run time by /v2/trace/setting): off, "
+        "or timestamps (a span per request, with decode, queue, engine run and postprocess)")
+    trace_rate: int = Field(
+        1000, ge=1, description="trace one request in this many")
+    trace_count: int = Field(
+        -1, ge=-1, description="stop tracing after this many traces; -1: no limit")
+    otlp_endpoint: str = Field(
+        "", description="where traces go: an OTLP/HTTP traces URL, e.g. "
+        "http://otel-collector:4318/v1/traces; empty: traces are not exported")
     instant_engine: bool = Field(
         False, description="benchmarks only: an engine that answers at once with no "
         "detections, to measure what the front end (HTTP, decode, batching) carries alone")
@@ -390,6 +410,9 @@ TOOLS_EPILOG = """tools:
   dfine-serve bench-streams
                           live camera streams: how many the model keeps up with, lag,
                           CPU per frame (dfine-serve bench-streams --help)
+  dfine-serve bench-tiling
+                          what tiling costs: images/s, latency, tiles and engine runs
+                          per image (dfine-serve bench-tiling --help)
   dfine-serve eval ...    COCO AP of a running service or of a model in-process
                           (dfine-serve eval --help)
   dfine-serve inspect ... what the engine hands onnxruntime for a bucket, and what it makes

@@ -62,6 +62,12 @@ class TooManyTiles(InvalidRequest):
     code = "too_many_tiles"
 
 
+class Unsupported(ServiceError):
+    """A call this server does not serve (Triton's UNSUPPORTED: 501, gRPC UNIMPLEMENTED)."""
+
+    code, status, message = "unsupported", 501, "not supported by this server"
+
+
 class Conflict(ServiceError):
     """What was asked conflicts with the service's state or settings (a load past
     MAX_LOADED_MODELS, a load or unload that MODEL_CONTROL does not allow)."""

@@ -23,6 +23,7 @@ from typing import Any, cast
 import numpy as np
 
 from app.api.grpc_gate import memory_bound_bytes as grpc_memory_bound_bytes
+from app.api.shm import memory_bound_bytes as shm_memory_bound_bytes
 from app.config import Settings
 from app.engine.engine import OnnxEngine
 from app.errors import NotReady, Overloaded
@@ -410,7 +411,8 @@ class RemoteRegistry(Routing):
         runs them)."""
         engine = self._state.memory_bound_bytes if self._state is not None else 0
         streams = StreamManager.memory_bound_bytes(self.settings, self._tensor_bytes)
-        return self.frontends * self.memory_bound_bytes + engine + streams
+        return (self.frontends * self.memory_bound_bytes + engine + streams
+                + shm_memory_bound_bytes(self.settings))  # segments: the service's, once
 
     # --- the engine's state ---------------------------------------------------------------
 

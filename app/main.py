@@ -25,9 +25,13 @@ from app.api.observe import RequestObserver
 from app.api.repository_routes import router as repository_router
 from app.api.routes import STATIC, pages, router
 from app.api.security import SecurityHeaders
+from app.api.shm import Regions
+from app.api.shm_routes import router as shm_router
 from app.api.stream_routes import router as stream_router
 from app.api.stream_routes import socket_router as stream_socket_router
 from app.api.stream_routes import stream_params
+from app.api.trace_routes import router as trace_router
+from app.api.v2_logging_routes import router as v2_logging_router
 from app.api.v2_routes import router as v2_router
 from app.config import Settings
 from app.engine.engine import OnnxEngine
@@ -36,6 +40,7 @@ from app.metrics import Metrics
 from app.registry import ModelRegistry
 from app.routing import Routing
 from app.streams.manager import StreamManager
+from app.tracing import Tracing
 
 if TYPE_CHECKING:
     from app.api.grpc_service import GrpcServer
@@ -85,8 +90,10 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None,
     metrics = Metrics()
     state = AppState(settings=settings, metrics=metrics,
                      registry=registry(metrics) if registry is not None
-                     else ModelRegistry(settings, metrics))
+                     else ModelRegistry(settings, metrics),
+                     shm=Regions.for_service(settings))
 
+    state.tracing = Tracing.from_settings(settings, state.registry.default_or_none)
     streams = state.streams = StreamManager(settings, state.registry, metrics.streams,
                                             stream_params)
 
@@ -109,6 +116,9 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None,
         if grpc_server is not None:
             await grpc_server.stop(grace_s=5)
         await state.registry.stop()
+        await asyncio.to_thread(state.tracing.shutdown)  # the spans still buffered, exported
+        if state.shm is not None:
+            state.shm.close()
 
     app = FastAPI(
         title="dfine-serve",
@@ -125,6 +135,9 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None,
     app.include_router(router)
     app.include_router(v2_router)
     app.include_router(repository_router)
+    app.include_router(trace_router)
+    app.include_router(shm_router)
+    app.include_router(v2_logging_router)
     app.include_router(stream_router)
     app.include_router(stream_socket_router)
     app.include_router(pages)
@@ -139,7 +152,8 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None,
     app.add_middleware(HeadAsGet)
     app.add_middleware(SecurityHeaders, page=STATIC / "index.html")
     # Outermost: it sees every answer, the gate's refusals included.
-    app.add_middleware(RequestObserver, metrics=metrics, known_paths=DETECT_PATHS)
+    app.add_middleware(RequestObserver, metrics=metrics, known_paths=DETECT_PATHS,
+                       tracing=state.tracing)
     if forward_streams_to is not None:  # outermost: front end 0 observes them, once
         app.add_middleware(ForwardStreams, socket_path=forward_streams_to)
     return app

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any, Literal, Protocol, TypeVar, cast
@@ -34,6 +35,7 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    Summary,
     generate_latest,
 )
 from prometheus_client import values as prometheus_values
@@ -51,8 +53,12 @@ ERROR_CODES = ("invalid_image", "payload_too_large", "image_too_large", "unsuppo
                "invalid_request", "not_found", "unauthorized", "forbidden", "request_timeout",
                "headers_too_large",
                "client_closed", "overloaded", "not_ready", "timeout", "internal", "conflict",
-               "load_failed")
+               "load_failed", "unsupported", "already_exists")
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+# The requests that run a model (the statistics' success and fail: app.api.v2_stats).
+INFERENCE_ENDPOINTS = frozenset({
+    "/detect", "/detect/batch", "/detect/render", "/v2/models/{name}/infer",
+    "/v2/models/{name}/versions/{version}/infer", "grpc:ModelInfer"})
 
 
 VERSION_LABELS = ("model", "version")
@@ -210,6 +216,22 @@ class Metrics:
                                     "run because their deadline passed", by_version)
         self.engine_failures = self._define(Counter, "dfine_engine_failures",
                                             "Engine runs that raised", by_version)
+        # What Triton's statistics need beside the above (app.api.v2_stats).
+        self.inference_requests = self._define(
+            Summary, "dfine_inference_requests_seconds",
+            "Requests that ran a model version (/detect*, the Open Inference Protocol's infer), "
+            "by outcome (success: answered 200, else fail): time from request to response",
+            [*by_version, "outcome"])
+        self.postprocess = self._define(Histogram, "dfine_postprocess_seconds",
+                                        "Detections from an engine run's rows, per image",
+                                        by_version, buckets=LATENCY_BUCKETS_S)
+        self.batch_runs = self._define(Summary, "dfine_batch_runs_seconds",
+                                       "Engine runs that succeeded, by batch size",
+                                       [*by_version, "batch_size"])
+        self.last_inference = self._define(
+            Gauge, "dfine_last_inference_timestamp_seconds",
+            "When the version's last successful engine run ended (Unix time)", by_version,
+            multiprocess_mode="max")
         self._model_info: _ModelInfo = (_InfoMetric(self.registry) if self.multiprocess_dir is None
                                         else _InfoGauges())
         self.model_events = self._define(
@@ -225,6 +247,16 @@ class Metrics:
         # Not in the exposed registry: that one reads every process's files.
         return _process_wide(name, lambda: kind(name, documentation, labelnames, registry=None,
                                                 **kwargs))
+
+    def observe_request(self, endpoint: str, status: int, model: str, version: str,
+                        elapsed_s: float) -> None:
+        """A request answered (REST or gRPC): its count, duration and, where it ran a model,
+        its outcome."""
+        self.requests.labels(endpoint, str(status), model, version).inc()
+        self.request_duration.labels(endpoint, model, version).observe(elapsed_s)
+        if model and endpoint in INFERENCE_ENDPOINTS:
+            self.inference_requests.labels(
+                model, version, "success" if status == 200 else "fail").observe(elapsed_s)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -282,6 +314,9 @@ class VersionMetrics:
         self._cancelled = root.cancelled.labels(*labels)
         self._expired = root.expired.labels(*labels)
         self._engine_failures = root.engine_failures.labels(*labels)
+        self.postprocess = root.postprocess.labels(*labels)
+        self._last_inference = root.last_inference.labels(*labels)
+        self._batch_runs: dict[int, Summary] = {}
         if root.multiprocess_dir is None:
             _ = self._gauges
 
@@ -319,6 +354,13 @@ class VersionMetrics:
         self._inference.observe(run_s)
         if not ok:
             self._engine_failures.inc()
+            return
+        runs = self._batch_runs.get(size)
+        if runs is None:
+            runs = self._batch_runs[size] = self.root.batch_runs.labels(
+                self.model, self.version, str(size))
+        runs.observe(run_s)
+        self._last_inference.set(time.time())
 
     def dropped(self, reason: DropReason) -> None:
         (self._cancelled if reason == "cancelled" else self._expired).inc()

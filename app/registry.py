@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.api.grpc_gate import memory_bound_bytes as grpc_memory_bound_bytes
+from app.api.shm import memory_bound_bytes as shm_memory_bound_bytes
 from app.config import Settings
 from app.engine.engine import OnnxEngine
 from app.engine.instant import load_engine
@@ -154,7 +155,8 @@ class ModelRegistry(Routing):
         return (sum(d.memory_bound_bytes for d in self.detectors())
                 + settings.max_slow_uploads * settings.max_upload_bytes + grpc_messages
                 + StreamManager.memory_bound_bytes(settings, tensor)
-                + StreamManager.clients_memory_bound_bytes(settings, tensor))
+                + StreamManager.clients_memory_bound_bytes(settings, tensor)
+                + shm_memory_bound_bytes(settings))
 
     # --- changes -------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from app.render import ImageFormat, draw
 from app.render import encode as encode_image
 from app.threads import name_os_thread
 from app.tiling import Tile, Tiling, cut_by_border, merge, shift, tile_count, tile_grid
+from app.tracing import current_trace
 from app.trim import IdleTrimmer
 
 MAX_ROOM_WAITERS = 256
@@ -485,6 +486,7 @@ class Detector:
         postprocessing. ``work`` is emptied once used: a queued request holds its small tensor
         only, not its upload."""
         started = time.perf_counter()
+        trace = current_trace.get()  # a sampled request's (app.tracing): None when off
         place = self.runs.place()
         try:
             prepared = await self._in_pool(prepare_in_pool, *work, place.view)
@@ -493,11 +495,15 @@ class Detector:
             row = await self.runs.submit(prepared, self.settings.request_timeout_s)
         finally:
             place.release()
+        returned = time.perf_counter()
         detections = select(
             row.labels, row.boxes, row.scores, prepared.width, prepared.height,
             self.engine.info.labels, params.score_threshold, params.max_detections,
             params.class_ids, prepared.letterbox, params.clip, params.dedupe_iou)
         finished = time.perf_counter()
+        self.metrics.postprocess.observe(finished - returned)
+        if trace is not None:
+            trace.image(started, queued, (row,), returned, finished)
         timing = {
             "preprocess": queued - started,
             "queue": max(0.0, row.run_started - queued),
@@ -516,6 +522,7 @@ class Detector:
         the tiles' detections shifted to the original's pixels and merged, then selected as
         an untiled image's are. An image ``tiling`` leaves whole runs as ``detect`` runs it."""
         started = time.perf_counter()
+        trace = current_trace.get()
         plan = await self._in_pool(self._tile_plan, data, params.orientation, tiling)
         if not plan.windows:
             result = await self._detect(params, self._prepare_bytes, [data, params.orientation])
@@ -537,9 +544,13 @@ class Detector:
                     place.release()
         finally:
             self.release(extra)
+        returned = time.perf_counter()
         # Off the event loop: thousands of boxes (a low threshold) take tens of milliseconds.
         detections = await self._in_pool(self._merged, rows, prepared, plan, tiling, params)
         finished = time.perf_counter()
+        self.metrics.postprocess.observe(finished - returned)
+        if trace is not None:
+            trace.image(started, queued, rows, returned, finished)
         run_started = min(row.run_started for row in rows)
         timing = {
             "preprocess": queued - started,
@@ -649,6 +660,8 @@ class Detector:
         """One image through the engine, answered in the official layout (all its
         detections, boxes in original pixels, unclipped): from an upload, or from a tensor
         already preprocessed by the client."""
+        trace = current_trace.get()
+        started = time.perf_counter() if trace is not None else 0.0
         place = self.runs.place()
         try:
             if prepared is None:
@@ -658,10 +671,18 @@ class Detector:
                 assert place.view is not None
                 await self._in_pool(np.copyto, place.view, prepared.pixels)
                 prepared = replace(prepared, pixels=place.view)
+            queued = time.perf_counter() if trace is not None else 0.0
             row = await self.runs.submit(prepared, self.settings.request_timeout_s)
         finally:
             place.release()
-        return Official(row.labels, original_boxes(row.boxes, prepared.letterbox), row.scores)
+        returned = time.perf_counter()
+        official = Official(row.labels, original_boxes(row.boxes, prepared.letterbox),
+                            row.scores)
+        finished = time.perf_counter()
+        self.metrics.postprocess.observe(finished - returned)
+        if trace is not None:
+            trace.image(started, queued, (row,), returned, finished)
+        return official
 
     def start_render(self) -> None:
         """Take a place for one render (MAX_RENDERS at once), or raise Overloaded; give it back

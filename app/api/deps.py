@@ -6,12 +6,13 @@ thread, and those hops cost more CPU per /detect request than everything else in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Literal, cast
 
 from fastapi import Depends, Query, Request
 
 from app.api.keys import authorize
+from app.api.shm import Regions
 from app.config import Settings
 from app.errors import InvalidRequest, NotReady
 from app.metrics import Metrics
@@ -20,6 +21,7 @@ from app.orientation import OrientationMode
 from app.routing import Routing
 from app.service import Detector, DetectParams
 from app.tiling import MatchMetric, MergeMethod, Tiling, parse_tile
+from app.tracing import Tracing
 
 if TYPE_CHECKING:
     from app.streams.manager import StreamManager
@@ -35,6 +37,8 @@ class AppState:
     draining: bool = False
     streams: StreamManager | None = None  # server-side streams (app.streams)
     client_sessions: int = 0  # clients sending frames over WebSocket, now
+    tracing: Tracing = field(default_factory=Tracing)  # traces (app.tracing): off unless set
+    shm: Regions | None = None  # system shared memory's regions (app.api.shm)
 
     @property
     def ready(self) -> bool:

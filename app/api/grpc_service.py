@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import json_format  # type: ignore[import-untyped]
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from tritonclient.grpc import service_pb2 as pb
 
+from app.api import shm_grpc
 from app.api.deps import AppState
 from app.api.grpc_gate import (
     HEALTH_TURNS,
@@ -40,9 +42,13 @@ from app.api.grpc_gate import (
     ReceiveTurns,
     message_limit,
 )
-from app.api.grpc_wire import parse_infer_request, parse_small, request_target
+from app.api.grpc_wire import infer_response, parse_infer_request, parse_small, request_target
 from app.api.keys import authorize, authorize_control
+from app.api.shm import Regions
+from app.api.trace_routes import begin_grpc_trace, grpc_trace_setting, trace_ended
 from app.api.v2_codec import InferRequest
+from app.api.v2_config import model_config, version_policy
+from app.api.v2_extensions import EXTENSIONS, SERVER_NAME, SERVER_VERSION
 from app.api.v2_inference import (
     all_or_none,
     check_outputs,
@@ -52,6 +58,8 @@ from app.api.v2_inference import (
     requested_version,
     result_tensors,
 )
+from app.api.v2_logging import from_grpc, grpc_member, log_control
+from app.api.v2_stats import read_samples, statistics
 from app.errors import InvalidRequest, NotFound, NotReady, Overloaded, ReadTimeout, ServiceError
 from app.service import Detector
 from app.trim import IdleTrimmer
@@ -78,6 +86,8 @@ STATUS_OF = {
     "conflict": grpc.StatusCode.FAILED_PRECONDITION,
     "client_closed": grpc.StatusCode.CANCELLED,
     "internal": grpc.StatusCode.INTERNAL,
+    "already_exists": grpc.StatusCode.ALREADY_EXISTS,
+    "unsupported": grpc.StatusCode.UNIMPLEMENTED,  # a 501
 }
 
 
@@ -160,12 +170,14 @@ Work = Callable[[Any, dict[str, str], Turn | None], Awaitable[Any]]
 class Method:
     """One method of the inference service: its request message, and whether it carries
     tensors (ModelInfer: the upload deadline, parsed in a thread) or changes what is served
-    (the control key)."""
+    (the control key), or does either as its message says (``control_if``: the control key
+    when it returns True)."""
 
     name: str
     request: Any
     infer: bool = False
     control: bool = False
+    control_if: Callable[[Any], bool] | None = None
 
 
 METHODS = (
@@ -177,6 +189,13 @@ METHODS = (
     Method("RepositoryIndex", pb.RepositoryIndexRequest),
     Method("RepositoryModelLoad", pb.RepositoryModelLoadRequest, control=True),
     Method("RepositoryModelUnload", pb.RepositoryModelUnloadRequest, control=True),
+    # System and CUDA shared memory: control calls (a region names memory on the host).
+    *(Method(name, request, control=True) for name, request, _ in shm_grpc.METHODS),
+    Method("ModelConfig", pb.ModelConfigRequest),
+    Method("ModelStatistics", pb.ModelStatisticsRequest),
+    # Settings given: a change (the control key); none: a read (the API key).
+    Method("LogSettings", pb.LogSettingsRequest, control_if=lambda r: bool(r.settings)),
+    Method("TraceSetting", pb.TraceSettingRequest, control_if=lambda r: bool(r.settings)),
 )
 
 
@@ -208,7 +227,7 @@ class InferenceService:
         return grpc.method_handlers_generic_handler(SERVICE, table)
 
     def _serve(self, method: Method) -> Callable[[Any, Any], Awaitable[Any]]:
-        work: Work = getattr(self, method.name)
+        work: Work = getattr(self, method.name, None) or self._shm_call(method.name)
 
         async def serve(_requests: Any, context: Any) -> Any:
             return await self._call(method, context, work)
@@ -223,18 +242,29 @@ class InferenceService:
         labels = {"model": "", "version": ""}
         status = 200
         turn: Turn | None = None
+        trace = None
         try:
             headers = _headers(context)
-            (authorize_control if method.control else authorize)(self.state.settings, headers)
             settings = self.state.settings
+            if method.control:
+                authorize_control(settings, headers)
+            elif method.control_if is not None:
+                _authorize_either(settings, headers)  # which one: once the message is read
+            else:
+                authorize(settings, headers)
             if method.infer:
                 message, turn = await receive(context, self.turns,
                                               settings.upload_hold_ms / 1000,
                                               settings.upload_timeout_s)
                 request = message
+                if self.state.tracing.active:  # a sampled call's root span (app.tracing)
+                    trace = begin_grpc_trace(self.state.tracing, method.name, message,
+                                             headers, started, context)
             else:
                 request = await receive_small(context, self.small_turns,
                                               settings.header_timeout_s, method.request)
+                if method.control_if is not None and method.control_if(request):
+                    authorize_control(settings, headers)
             with self._running():
                 return await work(request, labels, turn)
         except ServiceError as exc:
@@ -252,12 +282,11 @@ class InferenceService:
         finally:
             if turn is not None:
                 turn.give_back()
+            if trace is not None:
+                trace_ended(trace, status, labels)
             endpoint = f"grpc:{method.name}"
-            self.state.metrics.requests.labels(endpoint, str(status), labels["model"],
-                                               labels["version"]).inc()
-            self.state.metrics.request_duration.labels(
-                endpoint, labels["model"], labels["version"]).observe(
-                time.perf_counter() - started)
+            self.state.metrics.observe_request(endpoint, status, labels["model"],
+                                               labels["version"], time.perf_counter() - started)
         raise AssertionError("abort returned")  # abort raises
 
     async def _abort(self, context: Any, code: str, status: grpc.StatusCode | None,
@@ -278,6 +307,14 @@ class InferenceService:
         finally:
             self.calls -= 1
             self._maybe_idle()
+
+    def _shm_call(self, name: str) -> Work:
+        handler = {n: h for n, _, h in shm_grpc.METHODS}[name]
+
+        async def work(request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
+            return await handler(self.state.shm, request)
+
+        return work
 
     def _detector(self, name: str, version: str, labels: dict[str, str]) -> Detector:
         if self.state.draining:
@@ -300,8 +337,8 @@ class InferenceService:
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
-        return pb.ServerMetadataResponse(name="dfine-serve", version="0.1.0",
-                                         extensions=["model_repository"])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                         extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
         detector = self._detector(request.name, request.version, labels)
@@ -319,7 +356,8 @@ class InferenceService:
         # alone: at most MAX_RECORDS fields, cheap enough for the event loop).
         name, version = request_target(message)
         detector = self._detector(name, version, labels)
-        preparing = asyncio.ensure_future(asyncio.to_thread(_prepared, message, detector))
+        preparing = asyncio.ensure_future(asyncio.to_thread(_prepared, message, detector,
+                                                            self.state.shm))
         try:
             parsed, request, work_items = await asyncio.shield(preparing)
         except asyncio.CancelledError:
@@ -338,11 +376,44 @@ class InferenceService:
         finally:
             detector.release(places)
         tensors = result_tensors(results, parsed.outputs, detector)
-        return pb.ModelInferResponse(
-            model_name=detector.name, model_version=str(detector.version), id=request.id,
-            outputs=[pb.ModelInferResponse.InferOutputTensor(
-                name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors],
-            raw_output_contents=[t.raw() for t in tensors])
+        return infer_response(detector.name, detector.version, request.id, tensors, parsed)
+
+    async def ModelConfig(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
+        detector = self._detector(request.name, request.version, labels)
+        policy = await asyncio.to_thread(version_policy, detector.settings, detector.name)
+        response = pb.ModelConfigResponse()
+        json_format.ParseDict(model_config(detector, policy), response.config)
+        return response
+
+    async def ModelStatistics(self, request: Any, labels: dict[str, str], turn: Turn | None
+                              ) -> Any:
+        """Every loaded version (no name), a model's (no version), or one version."""
+        if not request.name:
+            if request.version:
+                raise InvalidRequest("a version needs a model name")
+            versions = [(d.name, d.version) for d in self.registry.detectors()]
+        elif not request.version:
+            self.registry.resolve(request.name)  # NotFound (or NotReady) as for its metadata
+            versions = [(request.name, v) for v in self.registry.versions_of(request.name)]
+        else:
+            detector = self._detector(request.name, request.version, labels)
+            versions = [(detector.name, detector.version)]
+        samples = await asyncio.to_thread(read_samples, self.state.metrics.registry)
+        return json_format.ParseDict(statistics(samples, versions),
+                                     pb.ModelStatisticsResponse())
+
+    async def LogSettings(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
+        control = log_control(self.state.settings.log_format)
+        current = control.update(from_grpc(request.settings)) if request.settings \
+            else control.current
+        response = pb.LogSettingsResponse()
+        for key, value in current.json().items():
+            setattr(response.settings[key], grpc_member(key), value)
+        return response
+
+    async def TraceSetting(self, request: Any, labels: dict[str, str], turn: Turn | None
+                           ) -> Any:
+        return await grpc_trace_setting(self.state, request)
 
     async def RepositoryIndex(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
         entry = pb.RepositoryIndexResponse.ModelIndex
@@ -365,12 +436,21 @@ class InferenceService:
         return pb.RepositoryModelUnloadResponse()
 
 
-def _prepared(message: bytes, detector: Detector) -> tuple[InferRequest, Any, list[Any]]:
+def _prepared(message: bytes, detector: Detector, regions: Regions | None
+              ) -> tuple[InferRequest, Any, list[Any]]:
     """A ModelInfer message parsed within the model's limits, and its images as engine jobs
     (one thread hop for both: this is every gRPC inference's path)."""
-    parsed, request = parse_infer_request(message, limits_for(detector))
+    parsed, request = parse_infer_request(message, limits_for(detector), regions)
     check_outputs(parsed.outputs)
     return parsed, request, jobs(parsed, detector)
+
+
+def _authorize_either(settings: Any, headers: dict[str, str]) -> None:
+    """The control key or the API key (a call that the message makes a read or a change)."""
+    try:
+        authorize_control(settings, headers)
+    except ServiceError:
+        authorize(settings, headers)
 
 
 def _headers(context: Any) -> dict[str, str]:

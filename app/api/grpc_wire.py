@@ -8,7 +8,10 @@ length; nothing is copied): the request may hold a few tensors, outputs and para
 shapes of at most MAX_RANK dimensions, and no more images, numeric values or bytes beside its
 tensors than the model takes; the walk stops at the first record past a bound. Only then is it
 parsed, and without ``raw_input_contents`` (tritonclient's way of sending tensors): those stay
-views into the message, never copied (a decode worker copies its image when it starts).
+views into the message, never copied (a decode worker copies its image when it starts). An
+input naming a shared-memory region has no raw contents (the others' pair with theirs, in
+order, as Triton reads them); an output asked into a region is answered with an empty raw
+entry at its place.
 
 Runs in a worker thread: the walk visits at most MAX_REQUEST_RECORDS records beside the images.
 """
@@ -23,16 +26,21 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from app.api.grpc_gate import MAX_OVERHEAD_BYTES
+from app.api.shm import Regions
 from app.api.v2_codec import (
     MAX_RANK,
     NUMERIC,
     InferRequest,
     Limits,
+    RegionData,
     Tensor,
     bytes_elements,
     check_rank,
+    input_region,
     numeric_values,
+    output_region,
 )
+from app.api.v2_inference import OutputTensor, into_regions
 from app.errors import InvalidRequest, PayloadTooLarge
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
@@ -254,9 +262,11 @@ def request_target(message: bytes) -> tuple[str, str]:
     return found[MODEL_NAME], found[MODEL_VERSION]
 
 
-def parse_infer_request(message: bytes, limits: Limits) -> tuple[InferRequest, Any]:
-    """The request's tensors (raw ones as views into ``message``) and the parsed message
-    without them (for its names and id)."""
+def parse_infer_request(message: bytes, limits: Limits, regions: Regions | None = None
+                        ) -> tuple[InferRequest, Any]:
+    """The request's tensors (raw ones as views into ``message``; those in shared memory
+    checked against ``regions``'s) and the parsed message without them (for its names and
+    id)."""
     data = memoryview(message)
     scan = _scan_request(data, limits)
     skeleton = b"".join(data[r.head:r.end] for r in scan.kept)
@@ -266,19 +276,31 @@ def parse_infer_request(message: bytes, limits: Limits) -> tuple[InferRequest, A
         raise InvalidRequest("the request is not a valid ModelInferRequest") from None
     raw = [data[r.start:r.end] for r in scan.raw]
     wanted = [o.name for o in request.outputs] or None
-    tensors = _tensors(request, raw, scan.files, limits)
-    parameters = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
-                  for key, value in request.parameters.items()}
-    return InferRequest(request.id or None, tensors, wanted, parameters=parameters), request
+    tensors = _tensors(request, raw, scan.files, limits, regions)
+    into = {o.name: output_region(o.name[:64], _values(o.parameters), regions)
+            for o in request.outputs if "shared_memory_region" in o.parameters}
+    return InferRequest(request.id or None, tensors, wanted,
+                        parameters=_values(request.parameters), regions=into), request
+
+
+def _values(parameters: Any) -> dict[str, Any]:
+    """InferParameter values unwrapped (whichever of bool, int64, uint64, double or string
+    each holds)."""
+    return {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+            for key, value in parameters.items()}
 
 
 def _tensors(request: Any, raw: Sequence[memoryview], files: list[list[memoryview]],
-             limits: Limits) -> dict[str, Tensor]:
+             limits: Limits, regions: Regions | None) -> dict[str, Tensor]:
     """The inputs, from raw_input_contents or typed contents (``files``: each input's
-    bytes_contents, views into the message), with the REST form's bounds."""
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidRequest("raw_input_contents must hold one entry per input")
+    bytes_contents, views into the message), or in shared memory, with the REST form's
+    bounds."""
+    shared = ["shared_memory_region" in spec.parameters for spec in request.inputs]
+    if raw and len(raw) != shared.count(False):
+        raise InvalidRequest("raw_input_contents must hold one entry per input (but those "
+                             "in shared memory)")
     tensors = {}
+    contents = iter(raw)
     for index, spec in enumerate(request.inputs):
         name, shape = spec.name[:64], list(spec.shape)
         check_rank(name, shape)
@@ -289,7 +311,15 @@ def _tensors(request: Any, raw: Sequence[memoryview], files: list[list[memoryvie
         if count > budget:
             raise InvalidRequest(f"input {name}: shape {shape} holds {count} elements; at "
                                  f"most {budget} for this model")
-        value = (_raw_value(raw[index], spec.datatype, name, limits) if raw
+        value: np.ndarray | list[memoryview] | RegionData
+        if shared[index]:
+            if spec.HasField("contents"):
+                raise InvalidRequest(f"input {name}: contents and a shared memory region")
+            value = input_region(name, spec.datatype, count, _values(spec.parameters), limits,
+                                 regions)
+            tensors[spec.name] = Tensor(spec.name, spec.datatype, shape, value)
+            continue
+        value = (_raw_value(next(contents), spec.datatype, name, limits) if raw
                  else _typed_value(spec, name, files[index]))
         if len(value) != count:
             raise InvalidRequest(f"input {name}: {len(value)} elements for shape {shape}")
@@ -335,3 +365,15 @@ def parse_small(message: bytes, kind: Any) -> Any:
         return kind.FromString(message)
     except Exception:  # upb's DecodeError
         raise InvalidRequest(f"the request is not a valid {kind.__name__}") from None
+
+
+def infer_response(model: str, version: int, request_id: str,
+                   tensors: list[OutputTensor], parsed: InferRequest) -> Any:
+    """The ModelInferResponse: each output's raw contents at its place, empty for one
+    written into a shared-memory region (Triton keeps the two lists parallel)."""
+    written = into_regions(tensors, parsed)
+    return pb.ModelInferResponse(
+        model_name=model, model_version=str(version), id=request_id,
+        outputs=[pb.ModelInferResponse.InferOutputTensor(
+            name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors],
+        raw_output_contents=[b"" if t.name in written else t.raw() for t in tensors])

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from app.api.deps import StateDep, require_api_key
 from app.api.keys import authorize_control
-from app.api.uploads import read_body
+from app.api.uploads import read_json_object
 from app.api.v2_routes import AUTH, Responses, _error
 from app.errors import InvalidRequest
 
@@ -47,15 +47,7 @@ _CHANGE_BODY: dict[str, Any] = {"requestBody": {"required": False, "content": {
 
 async def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
     """An optional JSON object with only the ``allowed`` keys."""
-    data = await read_body(request, request.app.state.dfine.settings, MAX_BODY_BYTES)
-    if not data.strip():
-        return {}
-    try:
-        body = orjson.loads(bytes(data))
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
+    body = await read_json_object(request, request.app.state.dfine.settings, MAX_BODY_BYTES)
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise InvalidRequest(f"unknown field(s) {unknown}; known: {sorted(allowed)}")

@@ -13,6 +13,7 @@ import base64
 import binascii
 import re
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import orjson
 from fastapi import Request
@@ -225,3 +226,20 @@ async def read_body(request: Request, settings: Settings, limit: int) -> bytearr
     async for chunk in _limited(request, limit, settings):
         body += chunk
     return body
+
+
+async def read_json_object(request: Request, settings: Settings, limit: int
+                           ) -> dict[str, Any]:
+    """An optional JSON object body of at most ``limit`` bytes (a control call's): ``{}`` for
+    an empty body, InvalidRequest for anything but an object."""
+    data = await read_body(request, settings, limit)
+    if not data.strip():
+        return {}
+    try:
+        body = orjson.loads(bytes(data))
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return body
+

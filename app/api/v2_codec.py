@@ -9,6 +9,11 @@ string holding the bytes in base64 (JSON cannot hold raw image bytes). Outputs a
 in JSON, or in the binary extension where the request asks for it: ``binary_data`` in an
 output's parameters, or ``binary_data_output`` in the request's (tritonclient's
 ``InferRequestedOutput(name, binary_data=True)``).
+
+With the system shared memory extension (app.api.shm) an input names a region instead
+(``shared_memory_region``, ``shared_memory_byte_size``, ``shared_memory_offset`` in its
+parameters), and so may an output: the tensor is a ``RegionData``, checked against the region
+here and read (or written) later, once the request holds its places.
 """
 
 from __future__ import annotations
@@ -23,11 +28,28 @@ from typing import Any
 import numpy as np
 import orjson
 
-from app.errors import InvalidRequest, PayloadTooLarge
+from app.api.shm import OFF, Regions
+from app.errors import InvalidRequest, PayloadTooLarge, Unsupported
 
 NUMERIC: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "INT64": np.dtype("<i8"),
     "INT32": np.dtype("<i4"), "UINT8": np.dtype("u1")}
+
+
+@dataclass(frozen=True)
+class RegionData:
+    """A tensor in a shared-memory region: ``byte_size`` bytes from ``offset`` in region
+    ``region`` of ``regions``."""
+
+    regions: Regions
+    region: str
+    offset: int
+    byte_size: int
+
+    def read(self, start: int = 0, size: int | None = None) -> bytearray:
+        """A copy of its bytes [start, start + size) (default: all)."""
+        return self.regions.read(self.region, self.offset + start,
+                                 self.byte_size - start if size is None else size)
 
 
 @dataclass
@@ -35,7 +57,8 @@ class Tensor:
     name: str
     datatype: str
     shape: list[int]
-    value: np.ndarray | list[memoryview]  # numeric array, or BYTES elements
+    # numeric array, BYTES elements, or where it lies in shared memory (not read yet)
+    value: np.ndarray | list[memoryview] | RegionData
 
 
 @dataclass
@@ -46,6 +69,7 @@ class InferRequest:
     binary: dict[str, bool] = field(default_factory=dict)  # an output's own binary_data
     binary_default: bool = False  # the request's binary_data_output
     parameters: dict[str, Any] = field(default_factory=dict)  # the request's own
+    regions: dict[str, RegionData] = field(default_factory=dict)  # outputs asked into one
 
     def wants_binary(self, output: str) -> bool:
         return self.binary.get(output, self.binary_default)
@@ -72,9 +96,10 @@ MAX_RANK = 8
 MAX_JSON_CONTAINERS = 4096
 
 
-def parse_request(body: bytes | bytearray, header_length: int | None, limits: Limits
-                  ) -> InferRequest:
-    """An inference request, in JSON or with binary inputs after a JSON header."""
+def parse_request(body: bytes | bytearray, header_length: int | None, limits: Limits,
+                  regions: Regions | None = None) -> InferRequest:
+    """An inference request, in JSON or with binary inputs after a JSON header; tensors in
+    shared memory are checked against ``regions``'s."""
     if header_length is not None and not 0 < header_length <= len(body):
         raise InvalidRequest("Inference-Header-Content-Length is not within the body")
     view = memoryview(body)
@@ -90,7 +115,7 @@ def parse_request(body: bytes | bytearray, header_length: int | None, limits: Li
     inputs: dict[str, Tensor] = {}
     offset = 0
     for spec in document["inputs"]:
-        tensor, used = _input(spec, payload, offset, limits)
+        tensor, used = _input(spec, payload, offset, limits, regions)
         inputs[tensor.name] = tensor
         offset += used
     if offset != len(payload):
@@ -98,12 +123,13 @@ def parse_request(body: bytes | bytearray, header_length: int | None, limits: Li
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequest("'id' must be a string")
-    names, binary = _requested_outputs(document.get("outputs"))
+    names, binary, into = _requested_outputs(document.get("outputs"), regions)
     parameters = document.get("parameters", {})
     if not isinstance(parameters, dict):
         raise InvalidRequest("'parameters' must be an object")
     return InferRequest(request_id, inputs, names, binary,
-                        _flag(parameters, "binary_data_output", "the request"), parameters)
+                        _flag(parameters, "binary_data_output", "the request"), parameters,
+                        into)
 
 
 def _bound_json(text: bytes | bytearray, limits: Limits) -> None:
@@ -125,25 +151,82 @@ def _flag(parameters: dict[str, Any], name: str, where: str) -> bool:
     return value
 
 
-def _requested_outputs(wanted: Any) -> tuple[list[str] | None, dict[str, bool]]:
-    """The outputs asked for (None: all), and those that say whether they want binary."""
+def _requested_outputs(wanted: Any, regions: Regions | None
+                       ) -> tuple[list[str] | None, dict[str, bool], dict[str, RegionData]]:
+    """The outputs asked for (None: all), those that say whether they want binary, and those
+    asked into a shared-memory region."""
     if wanted is None or wanted == []:
-        return None, {}
+        return None, {}, {}
     if not isinstance(wanted, list) or not all(
             isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted):
         raise InvalidRequest("'outputs' must be a list of objects with a 'name' string")
-    binary = {}
+    binary, into = {}, {}
     for spec in wanted:
+        name = spec["name"][:64]
         parameters = spec.get("parameters", {})
         if not isinstance(parameters, dict):
-            raise InvalidRequest(f"output {spec['name'][:64]}: 'parameters' must be an object")
+            raise InvalidRequest(f"output {name}: 'parameters' must be an object")
         if "binary_data" in parameters:
-            binary[spec["name"]] = _flag(parameters, "binary_data",
-                                         f"output {spec['name'][:64]}")
-    return [o["name"] for o in wanted], binary
+            binary[spec["name"]] = _flag(parameters, "binary_data", f"output {name}")
+        if "shared_memory_region" in parameters:
+            if binary.get(spec["name"]) or "classification" in parameters:
+                raise InvalidRequest(f"output {name}: a shared-memory output cannot be binary "
+                                     f"data or a classification")
+            into[spec["name"]] = output_region(name, parameters, regions)
+    return [o["name"] for o in wanted], binary, into
 
 
-def _input(spec: Any, binary: memoryview, offset: int, limits: Limits) -> tuple[Tensor, int]:
+SHM_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def _region_of(where: str, parameters: dict[str, Any], regions: Regions | None
+               ) -> tuple[Regions, str, int, int]:
+    """The region, offset and byte size a tensor's parameters name (values already unwrapped
+    from gRPC's InferParameter)."""
+    if regions is None or not regions.enabled:
+        raise Unsupported(OFF)
+    region = parameters.get("shared_memory_region")
+    size = parameters.get("shared_memory_byte_size")
+    offset = parameters.get("shared_memory_offset", 0)
+    if not isinstance(region, str) or not region:
+        raise InvalidRequest(f"{where}: shared_memory_region must be a region's name")
+    for value, what in ((size, "shared_memory_byte_size"), (offset, "shared_memory_offset")):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 63:
+            raise InvalidRequest(f"{where}: {what} must be an unsigned integer")
+    assert isinstance(size, int) and isinstance(offset, int)
+    return regions, region, offset, size
+
+
+def input_region(name: str, datatype: str, count: int, parameters: dict[str, Any],
+                 limits: Limits, regions: Regions | None) -> RegionData:
+    """An input in shared memory: as many bytes as its shape holds (BYTES: at most the
+    model's images and limit), within its region."""
+    regions, region, offset, size = _region_of(f"input {name}", parameters, regions)
+    dtype = NUMERIC.get(datatype)
+    if datatype == "BYTES":
+        if not 4 * count <= size <= count * (4 + limits.max_image_bytes):
+            raise InvalidRequest(f"input {name}: shared_memory_byte_size {size} cannot hold "
+                                 f"{count} BYTES elements of at most {limits.max_image_bytes} "
+                                 f"bytes")
+    elif dtype is None:
+        raise InvalidRequest(f"input {name}: datatype {datatype} is not accepted")
+    elif size != count * dtype.itemsize:
+        raise InvalidRequest(f"input {name}: shared_memory_byte_size {size} is not the "
+                             f"{count * dtype.itemsize} bytes its shape holds")
+    regions.check(region, offset, size)
+    return RegionData(regions, region, offset, size)
+
+
+def output_region(name: str, parameters: dict[str, Any], regions: Regions | None
+                  ) -> RegionData:
+    """An output asked into shared memory: room for at most ``byte_size`` bytes."""
+    regions, region, offset, size = _region_of(f"output {name}", parameters, regions)
+    regions.check(region, offset, size)
+    return RegionData(regions, region, offset, size)
+
+
+def _input(spec: Any, binary: memoryview, offset: int, limits: Limits,
+           regions: Regions | None) -> tuple[Tensor, int]:
     if not isinstance(spec, dict):
         raise InvalidRequest("each input must be an object")
     name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
@@ -161,6 +244,13 @@ def _input(spec: Any, binary: memoryview, offset: int, limits: Limits) -> tuple[
     if not isinstance(parameters, dict):
         raise InvalidRequest(f"input {name}: 'parameters' must be an object")
     size = parameters.get("binary_data_size")
+    sources = (size is not None) + ("data" in spec) + ("shared_memory_region" in parameters)
+    if sources > 1:
+        raise InvalidRequest(f"input {name}: give one of data, binary_data_size and "
+                             f"shared_memory_region")
+    if "shared_memory_region" in parameters:
+        return Tensor(name, datatype, shape, input_region(
+            name, datatype, count, parameters, limits, regions)), 0
     if size is not None:
         if (not isinstance(size, int) or isinstance(size, bool) or size < 0
                 or offset + size > len(binary)):

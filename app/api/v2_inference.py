@@ -7,6 +7,11 @@ or [N, 1]; or FP32 ``images`` [N, 3, H, W] already preprocessed as the official 
 with INT64 ``orig_target_sizes`` [N, 2] (width, height; default: the input size). Outputs, in the
 official export's layout: ``labels`` INT64 [N, K], ``boxes`` FP32 [N, K, 4] (original pixels,
 unclipped), ``scores`` FP32 [N, K], and ``names`` BYTES [N, K], the labels' class names.
+
+An input may lie in a shared-memory region (app.api.shm): each image is then read from it by
+its own job, once the request holds its places (a request's places are taken after its jobs
+are made), so that what requests hold stays within the places' bound. Outputs asked into a
+region are written there (``into_regions``) and answered by name, datatype and shape only.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from app.api.deps import MAX_DETECTIONS, params_for, tiling_for
-from app.api.v2_codec import InferRequest, Limits
-from app.errors import InvalidRequest, NotFound
+from app.api.v2_codec import NUMERIC, InferRequest, Limits, RegionData, Tensor
+from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.imaging import MAX_SIDE as MAX_TARGET_SIDE
 from app.imaging import PreparedImage
 from app.labels import label_name
@@ -173,17 +178,19 @@ def jobs(parsed: InferRequest, detector: Detector
     files = [t for t in parsed.inputs.values() if t.datatype == "BYTES"]
     params = tiled_params(parsed.parameters, detector)
     if files:
-        images = files[0].value
-        assert isinstance(images, list)
+        images = _files(files[0], limits_for(detector))
         if not 0 < len(images) <= limit:
             raise InvalidRequest(f"send 1 to {limit} images; got {len(images)}")
         if params is not None:
             # One image at a time, as /detect/batch runs tiled images: each takes its tiles'
             # places while it runs.
             turn = asyncio.Lock()
-            return [functools.partial(_in_turn, turn, detector.infer_tiled, data, params)
+            tiled = functools.partial(detector.infer_tiled, params=params)
+            return [functools.partial(_in_turn, turn, _file_job, data, tiled)
                     for data in images]
-        return [functools.partial(detector.infer, data=data) for data in images]
+        return [functools.partial(detector.infer, data=data)
+                if isinstance(data, memoryview) else
+                functools.partial(_file_job, data, detector.infer) for data in images]
     if params is not None and any(name in parsed.parameters for name in TILING_PARAMETERS):
         raise InvalidRequest("tiling needs the image files (a BYTES input), not tensors "
                              "preprocessed already")
@@ -191,25 +198,131 @@ def jobs(parsed: InferRequest, detector: Detector
     info = detector.engine.info
     if tensor is None or tensor.datatype != "FP32":
         raise InvalidRequest("send the images as a BYTES input, or as FP32 'images'")
-    pixels = np.asarray(tensor.value, np.float32)
-    if pixels.ndim != 4 or pixels.shape[1:] != (3, info.input_height, info.input_width):
+    image = (3, info.input_height, info.input_width)
+    if len(tensor.shape) != 4 or tuple(tensor.shape[1:]) != image:
         raise InvalidRequest(f"images must be [N, 3, {info.input_height}, {info.input_width}]")
-    if not 0 < len(pixels) <= limit:
-        raise InvalidRequest(f"send 1 to {limit} images; got {len(pixels)}")
-    if not np.isfinite(pixels).all():
-        raise InvalidRequest("images must be finite numbers (no NaN or infinity)")
+    count = tensor.shape[0]
+    if not 0 < count <= limit:
+        raise InvalidRequest(f"send 1 to {limit} images; got {count}")
     sizes = parsed.inputs.get("orig_target_sizes")
     if sizes is None:
-        wh = np.tile([info.input_width, info.input_height], (len(pixels), 1))
+        wh = np.tile([info.input_width, info.input_height], (count, 1))
     else:
-        wh = np.asarray(sizes.value, np.int64)
-        if (wh.shape != (len(pixels), 2) or (wh <= 0).any()
+        wh = _array(sizes).astype(np.int64, copy=False)
+        if (wh.shape != (count, 2) or (wh <= 0).any()
                 or (wh > MAX_TARGET_SIDE).any()):
             raise InvalidRequest(f"orig_target_sizes must be [N, 2] (width, height), each "
                                  f"1 to {MAX_TARGET_SIDE}")
+    if isinstance(tensor.value, RegionData):
+        # Each image read by its job, into an array of its own.
+        each = 4 * int(np.prod(image))
+        region = tensor.value
+        return [functools.partial(_tensor_job, detector, RegionData(
+            region.regions, region.region, region.offset + k * each, each), image,
+            int(w), int(h)) for k, (w, h) in enumerate(wh)]
+    pixels = np.asarray(tensor.value, np.float32)
+    if not np.isfinite(pixels).all():
+        raise InvalidRequest("images must be finite numbers (no NaN or infinity)")
     return [functools.partial(detector.infer, prepared=PreparedImage(
         np.ascontiguousarray(p), int(w), int(h), (int(w), int(h))))
         for p, (w, h) in zip(pixels, wh)]
+
+
+def _files(tensor: Tensor, limits: Limits) -> list[memoryview] | list[RegionData]:
+    """A BYTES input's elements: views into the request, or where each lies in its region
+    (its 4-byte lengths read here, the files by their jobs)."""
+    if not isinstance(tensor.value, RegionData):
+        assert isinstance(tensor.value, list)
+        return tensor.value
+    region, name = tensor.value, tensor.name[:64]
+    count = int(np.prod(tensor.shape))
+    elements, at = [], 0
+    for _ in range(count):
+        if at + 4 > region.byte_size:
+            raise InvalidRequest(f"input {name}: a BYTES element's length is cut short")
+        (length,) = struct.unpack("<I", region.read(at, 4))
+        at += 4
+        if length > limits.max_image_bytes:
+            raise PayloadTooLarge(f"input {name}: an image is {length} bytes; the limit is "
+                                  f"{limits.max_image_bytes} bytes")
+        if at + length > region.byte_size:
+            raise InvalidRequest(f"input {name}: a BYTES element runs past its data")
+        elements.append(RegionData(region.regions, region.region, region.offset + at, length))
+        at += length
+    if at != region.byte_size:
+        raise InvalidRequest(f"input {name}: {count} BYTES elements fill {at} of its "
+                             f"shared_memory_byte_size {region.byte_size}")
+    return elements
+
+
+def _array(tensor: Tensor) -> np.ndarray:
+    """A small numeric input (orig_target_sizes) as an array, read now if in a region."""
+    if isinstance(tensor.value, RegionData):
+        dtype = NUMERIC[tensor.datatype]  # checked when parsed
+        return np.frombuffer(tensor.value.read(), dtype).reshape(tensor.shape)
+    return np.asarray(tensor.value)
+
+
+async def _file_job(source: memoryview | RegionData,
+                    run: Callable[[memoryview], Awaitable[T]]) -> T:
+    """``run`` on an image file, read from its region first (off the event loop)."""
+    if isinstance(source, RegionData):
+        source = memoryview(await asyncio.to_thread(source.read))
+    return await run(source)
+
+
+async def _tensor_job(detector: Detector, source: RegionData, shape: tuple[int, ...],
+                      width: int, height: int) -> Official:
+    pixels = await asyncio.to_thread(_pixels, source, shape)
+    return await detector.infer(prepared=PreparedImage(pixels, width, height, (width, height)))
+
+
+def _pixels(source: RegionData, shape: tuple[int, ...]) -> np.ndarray:
+    pixels = np.frombuffer(source.read(), "<f4").reshape(shape)
+    if not np.isfinite(pixels).all():
+        raise InvalidRequest("images must be finite numbers (no NaN or infinity)")
+    return pixels
+
+
+def into_regions(tensors: list[OutputTensor], parsed: InferRequest) -> set[str]:
+    """Write the outputs asked into shared memory there; their names. BYTES are written as
+    the binary extension's (a 4-byte length, then the bytes)."""
+    written = set()
+    for tensor in tensors:
+        target = parsed.regions.get(tensor.name)
+        if target is None:
+            continue
+        raw = tensor.raw()
+        if len(raw) > target.byte_size:
+            raise InvalidRequest(f"shared memory size specified with the request for output "
+                                 f"{tensor.name!r} ({target.byte_size} bytes) should be at "
+                                 f"least {len(raw)} bytes")
+        target.regions.write(target.region, target.offset, raw)
+        written.add(tensor.name)
+    return written
+
+
+def rest_outputs(tensors: list[OutputTensor], parsed: InferRequest
+                 ) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The REST answer's outputs, and the binary data after its JSON (in their order): each
+    in JSON, in the binary extension, or written into a shared-memory region (then only its
+    name, datatype and shape)."""
+    written = into_regions(tensors, parsed)
+    outputs: list[dict[str, Any]] = []
+    blobs = []
+    for tensor in tensors:
+        if tensor.name in written:
+            outputs.append({"name": tensor.name, "datatype": tensor.datatype,
+                            "shape": tensor.shape})
+        elif parsed.wants_binary(tensor.name):
+            raw = tensor.raw()
+            blobs.append(raw)
+            outputs.append({"name": tensor.name, "datatype": tensor.datatype,
+                            "shape": tensor.shape,
+                            "parameters": {"binary_data_size": len(raw)}})
+        else:
+            outputs.append(tensor.json())
+    return outputs, blobs
 
 
 def result_tensors(results: list[Official], wanted: list[str] | None, detector: Detector

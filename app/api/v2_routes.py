@@ -1,7 +1,8 @@
 """The Open Inference Protocol (KServe v2 / Triton) over HTTP, beside the service's own API:
 the same detector, batcher, limits, API key and metrics. Errors take the protocol's form,
 ``{"error": "<message>"}`` (app.api.errors). What the inputs and outputs are:
-app.api.v2_inference.
+app.api.v2_inference; the model configuration: app.api.v2_config; the statistics:
+app.api.v2_stats.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ from app.api.deps import AppState, StateDep, admitted, bind, require_api_key
 from app.api.routes import until_disconnect
 from app.api.uploads import MULTIPART_OVERHEAD_BYTES, read_body
 from app.api.v2_codec import parse_request
+from app.api.v2_config import model_config, version_policy
+from app.api.v2_extensions import EXTENSIONS, SERVER_NAME, SERVER_VERSION
 from app.api.v2_inference import (
     all_or_none,
     check_outputs,
     jobs,
     limits_for,
     requested_version,
+    rest_outputs,
     result_tensors,
 )
+from app.api.v2_stats import read_samples, statistics
 from app.errors import InvalidRequest, NotFound
 from app.service import Detector
 
@@ -75,8 +80,8 @@ def _loaded(request: Request, state: AppState, name: str, version: str | None) -
 
 @router.get("", summary="Server metadata", responses=AUTH)
 async def server_metadata() -> Response:
-    return _json({"name": "dfine-serve", "version": "0.1.0",
-                  "extensions": ["binary_tensor_data"]})
+    return _json({"name": SERVER_NAME, "version": SERVER_VERSION,
+                  "extensions": list(EXTENSIONS)})
 
 
 @router.get("/health/live", summary="Server liveness (200 while the process runs)",
@@ -89,6 +94,13 @@ async def live() -> Response:
             response_class=Response, responses={200: EMPTY, **NOT_READY, **AUTH})
 async def ready(state: StateDep) -> Response:
     return Response(status_code=200 if state.ready else 400)
+
+
+# Before /models/{name}, as Triton matches it: a model named "stats" is not reachable here.
+@router.get("/models/stats", summary="Statistics of every loaded model version",
+            responses=AUTH)
+async def all_statistics(state: StateDep) -> Response:
+    return await _statistics(state, [(d.name, d.version) for d in state.registry.detectors()])
 
 
 @router.get("/models/{name}", summary="Model metadata (its newest loaded version)",
@@ -108,6 +120,46 @@ def _metadata(request: Request, state: AppState, name: str, version: str | None)
     detector = _loaded(request, state, name, version)
     return _json(v2_inference.model_metadata(detector, [detector.version] if version
                                 else state.registry.versions_of(name)))
+
+
+@router.get("/models/{name}/config", summary="Model configuration (its newest loaded version, "
+            "in Triton's ModelConfig schema)", responses=MODEL_ERRORS)
+async def config(name: str, request: Request, state: StateDep) -> Response:
+    return await _config(request, state, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/config",
+            summary="Model version configuration (Triton's ModelConfig)", responses=MODEL_ERRORS)
+async def version_config(name: str, version: str, request: Request, state: StateDep
+                         ) -> Response:
+    return await _config(request, state, name, version)
+
+
+async def _config(request: Request, state: AppState, name: str, version: str | None
+                  ) -> Response:
+    detector = _loaded(request, state, name, version)
+    policy = await asyncio.to_thread(version_policy, detector.settings, detector.name)
+    return _json(model_config(detector, policy))
+
+
+@router.get("/models/{name}/stats", summary="Statistics of a model's loaded versions",
+            responses=MODEL_ERRORS)
+async def model_statistics(name: str, state: StateDep) -> Response:
+    state.registry.resolve(name)  # NotFound (or NotReady) as for its metadata
+    return await _statistics(state, [(name, v) for v in state.registry.versions_of(name)])
+
+
+@router.get("/models/{name}/versions/{version}/stats", summary="Statistics of a model version",
+            responses=MODEL_ERRORS)
+async def version_statistics(name: str, version: str, state: StateDep) -> Response:
+    detector = state.registry.resolve(name, requested_version(version))
+    return await _statistics(state, [(detector.name, detector.version)])
+
+
+async def _statistics(state: AppState, versions: list[tuple[str, int]]) -> Response:
+    # Off the loop: with FRONTENDS > 1 this reads every process's metric files.
+    samples = await asyncio.to_thread(read_samples, state.metrics.registry)
+    return _json(statistics(samples, versions))
 
 
 @router.get("/models/{name}/ready", summary="Model readiness (200 when ready, 400 otherwise)",
@@ -159,7 +211,7 @@ async def _infer(request: Request, state: AppState, name: str, version: str | No
     # Off the event loop: what is left of parsing after the bounds is still Python work.
     parsed = await asyncio.to_thread(parse_request, body,
                                      int(header) if header is not None else None,
-                                     limits_for(detector))
+                                     limits_for(detector), state.shm)
     del body
     check_outputs(parsed.outputs)
     work = await asyncio.to_thread(jobs, parsed, detector)
@@ -175,16 +227,8 @@ async def _infer(request: Request, state: AppState, name: str, version: str | No
     head: dict[str, Any] = {"model_name": name, "model_version": str(detector.version),
                             **({"id": parsed.id} if parsed.id is not None else {}),
                             "outputs": []}
-    blobs = []
-    for tensor in result_tensors(results, parsed.outputs, detector):
-        if parsed.wants_binary(tensor.name):
-            raw = tensor.raw()
-            blobs.append(raw)
-            head["outputs"].append({"name": tensor.name, "datatype": tensor.datatype,
-                                    "shape": tensor.shape,
-                                    "parameters": {"binary_data_size": len(raw)}})
-        else:
-            head["outputs"].append(tensor.json())
+    head["outputs"], blobs = rest_outputs(
+        result_tensors(results, parsed.outputs, detector), parsed)
     if not blobs:
         return _json(head)
     # The binary tensor extension: the JSON header, then each binary output's bytes in order.
