@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 from types import FrameType
+from typing import cast
 
 import uvicorn
 from fastapi import FastAPI
@@ -171,6 +172,8 @@ def serve_frontend(settings: Settings) -> None:
     app = create_app(settings, registry=lambda metrics: RemoteRegistry(
         settings, metrics, link, settings.frontends),
         forward_streams_to=streams_socket if index else None)
+    state = app.state.dfine  # run-time log and trace settings: the service's, via the engine
+    cast(RemoteRegistry, state.registry).share_settings(state.tracing)
     sockets = [socket.socket(fileno=int(os.environ[HTTP_FD_ENV]))]
     if index == 0:
         streams_socket.unlink(missing_ok=True)  # a front end 0 that died left it

@@ -5,7 +5,9 @@ Front ends connect to its Unix socket (app.link). Each sends its slot pools, the
 image; the image is already in a slot, which the batcher reads when it stacks a batch. Every
 run is answered exactly once (its result, or why not), and only once its batch no longer reads
 the slot. The models' state goes to every front end whenever it changes; a load or unload asked
-through one front end is answered once every front end has seen it.
+through one front end is answered once every front end has seen it. So is a change of the log
+or trace settings: the engine process keeps the service's (and its own log level follows them),
+and sends them in the state.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from app.api.v2_logging import log_control
 from app.config import Settings
 from app.engine.engine import OnnxEngine
 from app.errors import ClientClosed, EngineFailure, NotReady, ServiceError
@@ -30,6 +34,7 @@ from app.imaging import PreparedImage
 from app.link.channel import Channel, ChannelClosed
 from app.link.messages import (
     Cancel,
+    ChangeSettings,
     Control,
     Done,
     Failed,
@@ -39,6 +44,7 @@ from app.link.messages import (
     Result,
     Run,
     RunMany,
+    RuntimeSettings,
     State,
     StateSeen,
     VersionView,
@@ -48,6 +54,7 @@ from app.link.slots import SlotPool
 from app.metrics import Metrics
 from app.registry import ModelRegistry
 from app.service import Detector
+from app.tracing import TraceSettings, start_values
 
 log = logging.getLogger("dfine.engine")
 
@@ -79,6 +86,7 @@ class FrontendSession:
         self.runs: dict[int, asyncio.Task[Any]] = {}  # a RunMany: one task for its ids
         self.seen = -1  # the last State it acknowledged
         self.task: asyncio.Task[None] | None = None
+        self.calls: set[asyncio.Task[None]] = set()  # its control calls and changes
 
     async def serve(self) -> None:
         try:
@@ -118,13 +126,22 @@ class FrontendSession:
         elif isinstance(message, PoolClosed):
             self._unbind(message.pool)
         elif isinstance(message, Control):
-            asyncio.get_running_loop().create_task(self.host.control(self, message))
+            self._call(self.host.control(self, message))
+        elif isinstance(message, ChangeSettings):
+            self._call(self.host.change_settings(self, message))
         elif isinstance(message, Hello):
             self.name = f"front end {message.frontend} (pid {message.pid})"
             log.info("%s connected", self.name)
+            if message.runtime is not None:
+                self.host.take_over(message.runtime, self.name)
             self.channel.send(self.host.state())
         for fd in fds:  # none expected: never leak one
             os.close(fd)
+
+    def _call(self, call: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(call)
+        self.calls.add(task)  # (the loop keeps only a weak reference)
+        task.add_done_callback(self.calls.discard)
 
     def _bind(self, message: Pool, fd: int) -> None:
         """A pool for a loaded version; that version is kept open (pinned) until the pool is
@@ -224,6 +241,11 @@ class EngineHost:
         self._broadcast_pending = False
         self._acks = asyncio.Event()
         registry.on_change = self._changed
+        # The service's log and trace settings (FRONTENDS > 1): changed through any front end,
+        # applied here (the log level) and followed by every front end, through the state.
+        self.log = log_control(settings.log_format)
+        self.trace = TraceSettings(start_values(settings))
+        self.revision = 0  # the changes taken
 
     # --- state ----------------------------------------------------------------------------
 
@@ -247,7 +269,8 @@ class EngineHost:
             loading=frozenset(s.name for s in index if s.state == "LOADING"),
             started=registry.started, ready=registry.ready, hung=registry.hung,
             failure=registry.failure,
-            memory_bound_bytes=self.memory_bound_bytes)
+            memory_bound_bytes=self.memory_bound_bytes,
+            runtime=RuntimeSettings(self.revision, self.log.current, self.trace.config()))
 
     @property
     def memory_bound_bytes(self) -> int:
@@ -317,6 +340,35 @@ class EngineHost:
         await self._all_seen(self.broadcast(force=True))
         with contextlib.suppress(ChannelClosed):
             session.channel.send(Done(message.id))
+
+    # --- log and trace settings -----------------------------------------------------------
+
+    async def change_settings(self, session: FrontendSession, message: ChangeSettings) -> None:
+        """Apply a change a front end checked, and answer once every front end has it."""
+        try:
+            if message.what == "log":
+                self.log.update(message.changes)
+            else:
+                self.trace.update(message.model, message.changes)
+        except ServiceError as exc:  # (checked already: only if front ends disagree)
+            with contextlib.suppress(ChannelClosed):
+                session.channel.send(failed(message.id, exc))
+            return
+        self.revision += 1
+        await self._all_seen(self.broadcast(force=True))
+        with contextlib.suppress(ChannelClosed):
+            session.channel.send(Done(message.id))
+
+    def take_over(self, runtime: RuntimeSettings, frontend: str) -> None:
+        """A front end's settings, while this process has taken no change: it started again
+        after the front ends were told of some (those are kept, not the start values)."""
+        if self.revision or not runtime.revision:
+            return
+        self.revision = runtime.revision
+        self.log.follow(runtime.log)
+        self.trace.follow(runtime.trace)
+        log.info("log and trace settings taken over from %s (changed at run time)", frontend)
+        self.broadcast(force=True)  # to the front ends that connected before it
 
     # --- serving --------------------------------------------------------------------------
 

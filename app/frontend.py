@@ -6,6 +6,10 @@ the engine process (``RemoteRuns``): each is decoded straight into a slot of the
 shared-memory pool, and only the slot's number crosses. While the engine process is away (it
 died, or has not started yet) there is no model here: every detection is a 503 and /readyz
 fails, until it is back and has said what it serves.
+
+The log and trace settings are the service's: a change taken here goes to the engine process,
+which keeps them and sends them to every front end in its state; each follows them
+(``RemoteRegistry.share_settings``).
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Collection, Iterator
-from typing import Any, cast
+from collections.abc import Callable, Collection, Iterator
+from typing import Any, Literal, cast
 
 import numpy as np
 
 from app.api.grpc_gate import memory_bound_bytes as grpc_memory_bound_bytes
 from app.api.shm import memory_bound_bytes as shm_memory_bound_bytes
+from app.api.v2_logging import LogControl, log_control
 from app.config import Settings
 from app.engine.engine import OnnxEngine
 from app.errors import NotReady, Overloaded
@@ -31,6 +36,7 @@ from app.imaging import PreparedImage
 from app.link.channel import Channel, ChannelClosed
 from app.link.messages import (
     Cancel,
+    ChangeSettings,
     Control,
     Done,
     Failed,
@@ -40,6 +46,7 @@ from app.link.messages import (
     Result,
     Run,
     RunMany,
+    RuntimeSettings,
     State,
     StateSeen,
     VersionView,
@@ -50,6 +57,7 @@ from app.metrics import Metrics
 from app.routing import Routing, VersionStatus
 from app.service import Detector, _Row, stream_room
 from app.streams.manager import StreamManager
+from app.tracing import Changes, Tracing
 
 log = logging.getLogger("dfine.frontend")
 
@@ -188,6 +196,7 @@ class EngineLink:
         self._calls: dict[int, asyncio.Future[None]] = {}
         self.on_state: Any = None  # set by RemoteRegistry
         self.on_lost: Any = None
+        self.runtime: RuntimeSettings | None = None  # the settings of the last State
 
     @property
     def connected(self) -> bool:
@@ -252,12 +261,21 @@ class EngineLink:
         return cast(list[_Row], results)
 
     async def control(self, action: str, name: str) -> None:
+        await self._call(lambda id: Control(id, action, name))  # type: ignore[arg-type]
+
+    async def change(self, what: Literal["log", "trace"], changes: dict[str, Any],
+                     model: str | None = None) -> None:
+        """A log or trace settings change, answered once every front end follows it."""
+        await self._call(lambda id: ChangeSettings(id, what, changes, model))
+
+    async def _call(self, message: Callable[[int], object]) -> None:
+        """Send ``message(id)`` and wait for the engine's Done (or Failed) for ``id``."""
         id = next(self._ids)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._calls[id] = future
         try:
             try:
-                self.send(Control(id, action, name))  # type: ignore[arg-type]
+                self.send(message(id))
             except ChannelClosed:
                 raise NotReady("the engine process is not running") from None
             await future
@@ -277,7 +295,7 @@ class EngineLink:
                 await asyncio.sleep(RECONNECT_S)
                 continue
             self.channel = Channel(sock)
-            self.channel.send(Hello(self.frontend, os.getpid()))
+            self.channel.send(Hello(self.frontend, os.getpid(), self.runtime))
             log.info("connected to the engine process")
             try:
                 await self._serve(self.channel)
@@ -303,6 +321,7 @@ class EngineLink:
                 elif isinstance(message, Done):
                     self._end_call(message.id, None)
                 elif isinstance(message, State):
+                    self.runtime = message.runtime or self.runtime
                     self.on_state(message)
                     channel.send(StateSeen(message.seq))
 
@@ -363,7 +382,30 @@ class RemoteRegistry(Routing):
         self._pools = itertools.count(1)
         self._retiring: set[asyncio.Task[None]] = set()
         self._first_state = asyncio.Event()
+        self._tracing: Tracing | None = None
+        self._log: LogControl | None = None
         link.on_state, link.on_lost = self._apply, self._lost
+
+    # --- the service's log and trace settings ---------------------------------------------
+
+    def share_settings(self, tracing: Tracing) -> None:
+        """Make ``tracing``'s and this process's log settings the service's: changes go to the
+        engine process (``change_trace``, ``change_log``), and each State's are followed."""
+        self._tracing, self._log = tracing, log_control(self.settings.log_format)
+        tracing.share = self._log.share = self
+        self._follow(self.link.runtime)
+
+    def _follow(self, runtime: RuntimeSettings | None) -> None:
+        if runtime is None or self._tracing is None or self._log is None:
+            return
+        self._log.follow(runtime.log)
+        self._tracing.follow(runtime.trace)
+
+    async def change_trace(self, model: str | None, changes: Changes) -> None:
+        await self.link.change("trace", changes, model)
+
+    async def change_log(self, changes: dict[str, Any]) -> None:
+        await self.link.change("log", changes)
 
     # --- app.routing ----------------------------------------------------------------------
 
@@ -431,6 +473,7 @@ class RemoteRegistry(Routing):
         self._serials = {view.serial for view in state.versions}
         self._routes, self._state = routes, state
         self.started, self.failure = state.started, state.failure
+        self._follow(state.runtime)  # before the State is acknowledged
         if added and self.link.frontend == 0:  # one line for the service, not one each
             log.info("requests can hold at most %.0f MB across the service: %d front ends of "
                      "%.0f MB each (uploads, decodes, slots) and the engine process's %.0f MB "

@@ -9,6 +9,11 @@ CLOCK_MONOTONIC in every process), converted here to the epoch's nanoseconds.
 
 Off (the default), nothing of OpenTelemetry is imported, and a request pays one attribute
 check (``Tracing.active``) at its door and one context-variable read per image.
+
+With FRONTENDS > 1 the settings are the service's: the engine process keeps them
+(``TraceSettings`` without counting, its ``config``) and every front end follows them
+(``Tracing.follow``); a change taken by a front end goes there (``Tracing.share``). The
+counters (the rate's requests seen, the count's traces left) stay each front end's own.
 """
 
 from __future__ import annotations
@@ -62,12 +67,14 @@ class TraceValues:
 
 class _Sampling:
     """One setting in force, with its counters: the Nth request of every ``rate`` is traced
-    (Triton's rule), while ``left`` (the count) is not 0. An update starts a new one."""
+    (Triton's rule), while ``left`` (the count) is not 0. An update starts a new one
+    (``started``: that update's number)."""
 
-    __slots__ = ("left", "seen", "values")
+    __slots__ = ("left", "seen", "started", "values")
 
-    def __init__(self, values: TraceValues) -> None:
+    def __init__(self, values: TraceValues, started: int = 0) -> None:
         self.values = values
+        self.started = started
         self.seen = 0
         self.left = values.count
 
@@ -93,6 +100,27 @@ class _Sampling:
 Changes = dict[str, Any]  # a setting's new typed value, or None: clear it
 
 
+@dataclass(frozen=True)
+class ModelTrace:
+    name: str
+    own: tuple[tuple[str, Any], ...]  # the values given for the model
+    values: TraceValues
+    started: int
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """The settings as given, without counters (what the engine process keeps for the
+    service). ``started``: the update that started each setting; a front end starts its
+    counters again only for a setting whose update it has not followed yet."""
+
+    global_: TraceValues
+    started: int
+    models: tuple[ModelTrace, ...]
+    updates: int  # updates made so far: the next one's number follows
+
+
+
 class TraceSettings:
     """The global setting and the models' own. A model's setting takes each value it was not
     given from the global one (then and after later global updates); a model none was given
@@ -102,6 +130,7 @@ class TraceSettings:
         self.start = start
         self.global_ = _Sampling(start)
         self.models: dict[str, tuple[Changes, _Sampling]] = {}
+        self.updates = 0
 
     @property
     def on(self) -> bool:
@@ -120,10 +149,11 @@ class TraceSettings:
         the global one)."""
         if not changes:
             return
+        self.updates += 1
         if model is None:
             fields = {_FIELD[k]: (getattr(self.start, _FIELD[k]) if v is None else v)
                       for k, v in changes.items()}
-            self.global_ = _Sampling(replace(self.global_.current(), **fields))
+            self.global_ = _Sampling(replace(self.global_.current(), **fields), self.updates)
             for name, (own, _) in list(self.models.items()):
                 if set(own) != set(UPDATABLE):  # it follows the global for some values
                     self.models[name] = (own, self._model_sampling(own))
@@ -140,7 +170,28 @@ class TraceSettings:
             self.models.pop(model, None)
 
     def _model_sampling(self, own: Changes) -> _Sampling:
-        return _Sampling(replace(self.global_.current(), **{_FIELD[k]: v for k, v in own.items()}))
+        values = replace(self.global_.current(), **{_FIELD[k]: v for k, v in own.items()})
+        return _Sampling(values, self.updates)
+
+    def config(self) -> TraceConfig:
+        return TraceConfig(self.global_.values, self.global_.started, tuple(
+            ModelTrace(name, tuple(own.items()), sampling.values, sampling.started)
+            for name, (own, sampling) in self.models.items()), self.updates)
+
+    def follow(self, config: TraceConfig) -> None:
+        """Take ``config`` (the service's settings): a setting it started anew starts its
+        counters again here, the others keep theirs."""
+        self.updates = config.updates
+        if (self.global_.values, self.global_.started) != (config.global_, config.started):
+            self.global_ = _Sampling(config.global_, config.started)
+        models: dict[str, tuple[Changes, _Sampling]] = {}
+        for model in config.models:
+            entry = self.models.get(model.name)
+            same = entry is not None and (entry[1].values, entry[1].started) == (
+                model.values, model.started)
+            models[model.name] = (dict(model.own), entry[1] if entry is not None and same
+                                  else _Sampling(model.values, model.started))
+        self.models = models
 
 
 _FIELD = {"trace_level": "level", "trace_rate": "rate", "trace_count": "count",
@@ -253,11 +304,26 @@ current_trace: contextvars.ContextVar[RequestTrace | None] = contextvars.Context
     "current_trace", default=None)
 
 
+class TraceShare(Protocol):
+    """Where a front end's changes go with FRONTENDS > 1 (app.frontend.RemoteRegistry): to
+    the engine process, which keeps the service's settings; each front end, this one
+    included, then follows them (``Tracing.follow``) before the change is answered."""
+
+    async def change_trace(self, model: str | None, changes: Changes) -> None: ...
+
+
+def start_values(settings: Settings) -> TraceValues:
+    """TRACE_LEVEL, TRACE_RATE and TRACE_COUNT: the settings at start."""
+    return TraceValues(settings.trace_level.upper(), settings.trace_rate, settings.trace_count)
+
+
 class Tracing:
     """The service's traces: settings (``settings``), sampling, and the exporter.
 
     ``active`` is true while some setting traces and spans have somewhere to go: the one thing
     a request checks when tracing is off."""
+
+    share: TraceShare | None = None  # set in a front end of FRONTENDS > 1
 
     def __init__(self, start: TraceValues | None = None, endpoint: str = "",
                  default_model: Callable[[], str | None] | None = None) -> None:
@@ -276,8 +342,7 @@ class Tracing:
     def from_settings(cls, settings: Settings,
                       default_model: Callable[[], str | None] | None = None) -> Tracing:
         """TRACE_LEVEL, TRACE_RATE, TRACE_COUNT at start; spans to OTLP_ENDPOINT."""
-        start = TraceValues(settings.trace_level.upper(), settings.trace_rate,
-                            settings.trace_count)
+        start = start_values(settings)
         if start.level != "OFF" and not settings.otlp_endpoint:
             log.warning("TRACE_LEVEL=%s but OTLP_ENDPOINT is not set: no trace is made",
                         settings.trace_level)
@@ -293,7 +358,24 @@ class Tracing:
                 "url": [self.endpoint]}
 
     def update(self, model: str | None, raw: Mapping[str, list[str] | None]) -> None:
+        """Change this process's settings (``change`` is the service's)."""
         self.settings.update(model, parse_changes(raw, self.endpoint))
+        self._refresh()
+
+    async def change(self, model: str | None, raw: Mapping[str, list[str] | None]) -> None:
+        """Change the service's settings: parsed here (InvalidSetting, Unsupported before
+        anything changes), then this process's, or, in a front end, the engine process's,
+        which every front end follows before this returns."""
+        changes = parse_changes(raw, self.endpoint)
+        if self.share is None:
+            self.settings.update(model, changes)
+            self._refresh()
+        else:
+            await self.share.change_trace(model, changes)
+
+    def follow(self, config: TraceConfig) -> None:
+        """Take the service's settings (a front end, from the engine process)."""
+        self.settings.follow(config)
         self._refresh()
 
     def begin(self, name: str, model: str | None, carrier: Mapping[str, str], started: float,

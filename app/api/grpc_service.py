@@ -48,7 +48,7 @@ from app.api.shm import Regions
 from app.api.trace_routes import begin_grpc_trace, grpc_trace_setting, trace_ended
 from app.api.v2_codec import InferRequest
 from app.api.v2_config import model_config, version_policy
-from app.api.v2_extensions import EXTENSIONS, SERVER_NAME, SERVER_VERSION
+from app.api.v2_extensions import SERVER_NAME, SERVER_VERSION, extensions
 from app.api.v2_inference import (
     all_or_none,
     check_outputs,
@@ -337,8 +337,9 @@ class InferenceService:
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
+        shm = self.state.shm
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
-                                         extensions=EXTENSIONS)
+                                         extensions=extensions(shm is not None and shm.enabled))
 
     async def ModelMetadata(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
         detector = self._detector(request.name, request.version, labels)
@@ -404,7 +405,7 @@ class InferenceService:
 
     async def LogSettings(self, request: Any, labels: dict[str, str], turn: Turn | None) -> Any:
         control = log_control(self.state.settings.log_format)
-        current = control.update(from_grpc(request.settings)) if request.settings \
+        current = await control.change(from_grpc(request.settings)) if request.settings \
             else control.current
         response = pb.LogSettingsResponse()
         for key, value in current.json().items():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import stat
 import threading
@@ -40,6 +41,7 @@ import orjson
 from app.config import Settings
 from app.errors import Conflict, InvalidRequest, NotFound, Unsupported
 
+log = logging.getLogger("dfine.shm")
 SHM_DIR = Path("/dev/shm")
 STORE_NAME = "shm-regions.json"  # in DFINE_RUNTIME_DIR, with several front ends
 RUNTIME_DIR_ENV = "DFINE_RUNTIME_DIR"
@@ -105,6 +107,14 @@ class Segment:
                 last = self._closing and self._users == 0
             if last:
                 os.close(self.fd)
+
+    def size(self) -> int | None:
+        """The segment's size now (None once closed): its owner may have grown it since."""
+        try:
+            with self.use() as fd:
+                return os.fstat(fd).st_size
+        except (NotFound, OSError):
+            return None
 
     def close(self) -> None:
         with self._lock:
@@ -203,7 +213,14 @@ class _Store:
         if not text:
             return b"", []
         header, _, body = text.partition(b"\n")
-        return header + b"\n", [Registration(**r) for r in orjson.loads(body)]
+        try:
+            return header + b"\n", [Registration(**r) for r in orjson.loads(body)]
+        except (ValueError, TypeError):
+            # A front end killed between its write and its truncate: start over, empty,
+            # rather than fail every shared-memory call until the service restarts.
+            log.error("the shared memory registrations' file was damaged: every region is "
+                      "unregistered; clients must register theirs again")
+            return b"", []
 
     def save(self, generation: bytes, registrations: list[Registration]) -> bytes:
         """Under the exclusive lock: the next generation's content; its header."""
@@ -264,6 +281,7 @@ class Regions:
             with self._lock, self._changing() as table:
                 if name in table:
                     raise AlreadyExists(f"shared memory region {name!r} already in manager")
+                self._drop_grown(table)
                 self._check_bounds([*(r.registration for r in table.values()), registration])
                 table[name] = Region(registration, segment)
         except BaseException:
@@ -365,6 +383,10 @@ class Regions:
             if region.problem is not None:
                 raise InvalidRequest(region.problem)
             assert region.segment is not None
+            if _grown(region):
+                with self._changing() as table:
+                    self._drop_grown(table)
+                raise InvalidRequest(GREW.format(name=name))
             return region.segment, registration.offset + offset
 
     def _adopt(self, region: Region) -> str | None:
@@ -416,6 +438,15 @@ class Regions:
             self._seen = self._store.save(self._seen, [r.registration
                                                        for r in self._regions.values()])
 
+    def _drop_grown(self, table: dict[str, Region]) -> None:
+        """Under ``_lock``, in ``_changing``: unregister the regions whose segment grew past
+        its registered size. Its open descriptor would keep all of it alive (even unlinked),
+        beyond what MAX_SHM_BYTES counted."""
+        for name in [n for n, region in table.items() if _grown(region)]:
+            region = table.pop(name)
+            if region.segment is not None:
+                region.segment.close()
+
     def _check_bounds(self, registrations: list[Registration]) -> None:
         if len(registrations) > self.max_regions:
             raise Conflict(f"{self.max_regions} shared memory regions are registered, "
@@ -424,6 +455,15 @@ class Regions:
         if held > self.max_bytes:
             raise Conflict(f"the registered segments would hold {held} bytes, over "
                            f"MAX_SHM_BYTES ({self.max_bytes}): unregister some first")
+
+
+GREW = ("the segment of shared memory region {name!r} grew after it was registered: it is "
+        "unregistered (its memory was counted at its registered size); register it again")
+
+
+def _grown(region: Region) -> bool:
+    size = region.segment.size() if region.segment is not None else None
+    return size is not None and size > region.registration.segment_bytes
 
 
 def _segments_bytes(registrations: list[Registration]) -> int:

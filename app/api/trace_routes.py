@@ -99,8 +99,9 @@ async def get_global(state: StateDep) -> Response:
              responses=UPDATE_ERRORS, dependencies=CONTROL, openapi_extra=_UPDATE_BODY)
 async def update_global(request: Request, state: StateDep) -> Response:
     """The settings after the update: level OFF or TIMESTAMPS, rate (one request in this many
-    is traced), count (traces left, -1: no limit)."""
-    state.tracing.update(None, await _update(request))
+    is traced), count (traces left, -1: no limit). Answered once every front end follows
+    the update (FRONTENDS > 1; each counts its own requests and traces)."""
+    await state.tracing.change(None, await _update(request))
     return _json(_flat(state.tracing.report()))
 
 
@@ -115,7 +116,7 @@ async def get_model(name: str, state: StateDep) -> Response:
 async def update_model(name: str, request: Request, state: StateDep) -> Response:
     """The values given are the model's own; the others follow the global settings."""
     model = _model(state.registry, name)
-    state.tracing.update(model, await _update(request))
+    await state.tracing.change(model, await _update(request))
     return _json(_flat(state.tracing.report(model)))
 
 
@@ -127,8 +128,8 @@ async def grpc_trace_setting(state: AppState, request: Any) -> Any:
 
     model = _model(state.registry, request.model_name) if request.model_name else None
     if request.settings:
-        state.tracing.update(model, {k: list(v.value) or None
-                                     for k, v in request.settings.items()})
+        await state.tracing.change(model, {k: list(v.value) or None
+                                           for k, v in request.settings.items()})
     value = pb.TraceSettingResponse.SettingValue
     return pb.TraceSettingResponse(settings={
         k: value(value=v) for k, v in state.tracing.report(model).items()})

@@ -72,7 +72,9 @@ def model_config(detector: Detector, policy: VersionPolicy) -> dict[str, Any]:
         "platform": "onnxruntime_onnx",
         "backend": "onnxruntime",
         "version_policy": policy_json(policy),
-        "max_batch_size": detector.max_batch_size,
+        # What one request may carry (its images are batched with others' up to the engine's
+        # own batch size, below): perf_analyzer's -b goes up to this.
+        "max_batch_size": settings.max_batch_images,
         "input": [
             _tensor("image", "TYPE_STRING", [1], reshape={"shape": []}, optional=True),
             _tensor("images", "TYPE_FP32", [3, info.input_height, info.input_width],
@@ -86,7 +88,7 @@ def model_config(detector: Detector, policy: VersionPolicy) -> dict[str, Any]:
             _tensor("names", "TYPE_STRING", [-1]),
         ],
         "dynamic_batching": {
-            "preferred_batch_size": list(engine.buckets or ()),
+            "preferred_batch_size": list(engine.buckets or (detector.max_batch_size,)),
             "max_queue_delay_microseconds": round(settings.max_delay_ms * 1000),
             "preserve_ordering": False, "priority_levels": 0, "default_priority_level": 0},
         "instance_group": [group],

@@ -18,3 +18,9 @@ EXTENSIONS: tuple[str, ...] = (
     "trace",
     "logging",
 )
+
+
+def extensions(shared_memory: bool) -> list[str]:
+    """The extensions served: system shared memory only while SHM_KEY_PREFIXES allows keys
+    (off, its calls answer, but no region can be registered)."""
+    return [e for e in EXTENSIONS if shared_memory or e != "system_shared_memory"]

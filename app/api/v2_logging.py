@@ -4,15 +4,16 @@ DEBUG; else INFO with ``log_info``, WARNING with ``log_warning``, ERROR with ``l
 nothing at all with none of them. The destination (stderr) and the format (LOG_FORMAT) are set
 at start: a request may only give their current values.
 
-Per process: with FRONTENDS > 1 a change applies to the front end that answered it (each has
-its own log); the supervisor and the engine process keep LOG_LEVEL.
+With FRONTENDS > 1 the settings are the service's: the engine process keeps them, and
+applies them, and every front end follows them (``LogControl.share``, ``follow``); the
+supervisor keeps LOG_LEVEL.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from app.errors import InvalidRequest
 
@@ -50,9 +51,19 @@ def _from_level(level: int, log_format: str) -> LogSettings:
                        FORMAT_NAMES.get(log_format, log_format))
 
 
+class LogShare(Protocol):
+    """Where a front end's changes go with FRONTENDS > 1 (app.frontend.RemoteRegistry): to
+    the engine process, which keeps the service's settings; each front end, this one
+    included, then follows them (``LogControl.follow``) before the change is answered."""
+
+    async def change_log(self, changes: dict[str, Any]) -> None: ...
+
+
 class LogControl:
     """This process's log settings: read from the root logger at start, changed by
-    ``update``."""
+    ``update`` (this process's) or ``change`` (the service's)."""
+
+    share: LogShare | None = None  # set in a front end of FRONTENDS > 1
 
     def __init__(self, log_format: str) -> None:
         self.current = _from_level(logging.getLogger().getEffectiveLevel(), log_format)
@@ -60,6 +71,31 @@ class LogControl:
     def update(self, changes: dict[str, Any]) -> LogSettings:
         """Apply ``changes`` (Triton's keys; a None value is no change) all or none; raise
         InvalidRequest, changing nothing, for an unknown key or a value of the wrong type."""
+        self._set(replace(self.current, **self.check(changes)))
+        return self.current
+
+    async def change(self, changes: dict[str, Any]) -> LogSettings:
+        """``update`` for the service: in a front end, checked here, then applied by the
+        engine process and followed by every front end before this returns."""
+        if self.share is None:
+            return self.update(changes)
+        await self.share.change_log(self.check(changes))
+        return self.current
+
+    def follow(self, settings: LogSettings) -> None:
+        """Take the service's level (a front end, from the engine process); the destination
+        and format stay this process's (the same: set at start)."""
+        settings = replace(settings, log_file=self.current.log_file,
+                           log_format=self.current.log_format)
+        if settings != self.current:
+            self._set(settings)
+
+    def _set(self, settings: LogSettings) -> None:
+        self.current = settings
+        logging.getLogger().setLevel(settings.level)
+
+    def check(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """The values ``changes`` gives (None: no change), once each is known valid."""
         unknown = sorted(set(changes) - set(KEYS))
         if unknown:
             raise InvalidRequest(f"unknown log setting(s) {unknown[:8]}; known: {list(KEYS)}")
@@ -78,9 +114,7 @@ class LogControl:
                     f"{getattr(self.current, key)!r} (" + (
                         "the service logs to stderr)" if key == "log_file"
                         else "LOG_FORMAT, set at start)"))
-        self.current = replace(self.current, **given)
-        logging.getLogger().setLevel(self.current.level)
-        return self.current
+        return given
 
 
 _control: LogControl | None = None

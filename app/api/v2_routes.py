@@ -19,7 +19,7 @@ from app.api.routes import until_disconnect
 from app.api.uploads import MULTIPART_OVERHEAD_BYTES, read_body
 from app.api.v2_codec import parse_request
 from app.api.v2_config import model_config, version_policy
-from app.api.v2_extensions import EXTENSIONS, SERVER_NAME, SERVER_VERSION
+from app.api.v2_extensions import SERVER_NAME, SERVER_VERSION, extensions
 from app.api.v2_inference import (
     all_or_none,
     check_outputs,
@@ -79,9 +79,9 @@ def _loaded(request: Request, state: AppState, name: str, version: str | None) -
 
 
 @router.get("", summary="Server metadata", responses=AUTH)
-async def server_metadata() -> Response:
+async def server_metadata(state: StateDep) -> Response:
     return _json({"name": SERVER_NAME, "version": SERVER_VERSION,
-                  "extensions": list(EXTENSIONS)})
+                  "extensions": extensions(state.shm is not None and state.shm.enabled)})
 
 
 @router.get("/health/live", summary="Server liveness (200 while the process runs)",

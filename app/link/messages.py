@@ -7,11 +7,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from app.api.v2_logging import LogSettings
 from app.config import Settings
 from app.engine.model import ModelInfo
 from app.engine.sessions import Parallelism
 from app.errors import ServiceError
 from app.routing import VersionStatus
+from app.tracing import TraceConfig
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """The log and trace settings changed while the service runs: the engine process keeps
+    the service's, in each State; ``revision`` counts the changes it took."""
+
+    revision: int
+    log: LogSettings
+    trace: TraceConfig
+
 
 # --- front end -> engine ------------------------------------------------------------------
 
@@ -20,6 +33,9 @@ from app.routing import VersionStatus
 class Hello:
     frontend: int  # its index, 0..FRONTENDS-1
     pid: int
+    # The settings it follows: an engine process started again takes them over (it has
+    # taken no change yet), rather than turning the service back to the start values.
+    runtime: RuntimeSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,19 @@ class Control:
 
 
 @dataclass(frozen=True)
+class ChangeSettings:
+    """A log or trace settings change, checked by the front end that took it: ``changes``
+    are app.api.v2_logging's (``what`` log) or app.tracing.parse_changes' values (trace, for
+    ``model``, or the global settings when None). Answered (Done) once every front end has
+    seen the State that carries it, as a Control."""
+
+    id: int
+    what: Literal["log", "trace"]
+    changes: dict[str, Any]
+    model: str | None = None
+
+
+@dataclass(frozen=True)
 class StateSeen:
     seq: int
 
@@ -113,6 +142,7 @@ class State:
     hung: bool
     failure: str | None
     memory_bound_bytes: int  # the engine process's share
+    runtime: RuntimeSettings | None = None  # the service's log and trace settings
 
 
 @dataclass(frozen=True)

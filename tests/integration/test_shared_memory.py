@@ -108,6 +108,13 @@ def _infer_from(client: Any, module: Any, region: str, size: int, offset: int = 
     return client.infer(MODEL, [given], headers=dict(API))
 
 
+def test_the_server_metadata_lists_shared_memory_while_it_is_on(running: Running) -> None:
+    over_http = running.http.get_server_metadata(headers=API)["extensions"]
+    over_grpc = list(running.grpc.get_server_metadata(headers=API).extensions)
+    assert "system_shared_memory" in over_http and over_http == over_grpc
+    assert "cuda_shared_memory" not in over_http
+
+
 @pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_a_tensor_and_an_image_file_in_a_region_answer_as_in_the_body(
         running: Running, segments: Any, transport: str) -> None:

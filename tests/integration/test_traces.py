@@ -1,18 +1,23 @@
 """Traces (the trace extension and OpenTelemetry export), against a real server and an OTLP
 receiver started here: a small HTTP server taking POST /v1/traces, its protobuf body decoded
 with opentelemetry-proto. The settings are read and changed with tritonclient's own HTTP and
-gRPC clients; the spans are checked as the collector receives them."""
+gRPC clients; the spans are checked as the collector receives them. With FRONTENDS=2 the
+settings are the service's: changed through one front end, they are read and in force through
+the other, and outlive the engine process."""
 
 from __future__ import annotations
 
 import gzip
+import http.client
+import json
+import os
 import secrets
+import signal
 import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,7 +35,14 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from app.bench.cli import free_port
-from tests.helpers import encode, render_scene, run_server, wait_until
+from tests.helpers import Server, encode, render_scene, run_server, wait_until
+from tests.integration.test_frontends import (
+    ask,
+    children,
+    connections_to_each,
+    engine_pid,
+    frontend_pids,
+)
 
 MODEL = "dfine_n_shapes"
 READ_KEY, CONTROL_KEY = "read-key-1", "control-key-1"
@@ -401,18 +413,116 @@ def test_changes_need_the_control_key_and_models_must_exist(
     assert http_client.get_trace_settings(headers=READ)["trace_level"] == ["TIMESTAMPS"]
 
 
+@pytest.fixture(scope="module")
+def two_frontends(receiver: Receiver, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[Server]:
+    with run_server(tmp_path_factory.mktemp("traces_frontends"), "--frontends", "2", env={
+            "DFINE_OTLP_ENDPOINT": receiver.url, "DFINE_TRACE_LEVEL": "timestamps",
+            "DFINE_TRACE_RATE": "1", "DFINE_API_KEY": READ_KEY,
+            "DFINE_CONTROL_API_KEY": CONTROL_KEY, "OTEL_BSP_SCHEDULE_DELAY": "100"}) as server:
+        yield server
+
+
 def test_start_values_and_an_engine_in_another_process(receiver: Receiver,
-                                                       tmp_path: Path) -> None:
+                                                       two_frontends: Server) -> None:
     """TRACE_LEVEL and TRACE_RATE at start; with FRONTENDS=2 the engine runs in its own
     process, and its run's times (its clock) still fall inside the front end's span."""
-    with run_server(tmp_path, "--frontends", "2", env={
-            "DFINE_OTLP_ENDPOINT": receiver.url, "DFINE_TRACE_LEVEL": "timestamps",
-            "DFINE_TRACE_RATE": "1", "OTEL_BSP_SCHEDULE_DELAY": "100"}) as server:
-        settings = httpx.get(f"{server.url}/v2/trace/setting", timeout=30).json()
-        assert (settings["trace_level"], settings["trace_rate"]) == (["TIMESTAMPS"], "1")
-        running = Running(server.url, "")
-        for _ in range(2):  # whichever front end takes them
+    server = two_frontends
+    settings = httpx.get(f"{server.url}/v2/trace/setting", headers=READ, timeout=30).json()
+    assert (settings["trace_level"], settings["trace_rate"]) == (["TIMESTAMPS"], "1")
+    running = Running(server.url, "")
+    for _ in range(2):  # whichever front end takes them
+        trace_id, span_id, traceparent = _caller()
+        _detect(running, traceparent)
+        _check_tree(_trace_of(receiver, trace_id, "POST /detect"), "POST /detect",
+                    span_id)
+
+
+def _post(connection: http.client.HTTPConnection, path: str, body: dict[str, Any]
+          ) -> dict[str, Any]:
+    status, answer = ask(connection, "POST", path, json.dumps(body).encode(),
+                         {**CONTROL, "Content-Type": "application/json"})
+    assert status == 200, answer
+    return dict(json.loads(answer))
+
+
+def _get(connection: http.client.HTTPConnection, path: str) -> dict[str, Any]:
+    status, answer = ask(connection, "GET", path, headers=READ)
+    assert status == 200, answer
+    return dict(json.loads(answer))
+
+
+def _traceparent_of(connection: http.client.HTTPConnection, traceparent: str) -> str | None:
+    """The traceparent answered to a /detect through ``connection`` (None: not traced)."""
+    connection.request("POST", "/detect", body=JPEG, headers={
+        **READ, "Content-Type": "image/jpeg", "traceparent": traceparent})
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    response.read()
+    return response.getheader("traceparent")
+
+
+def _restore(server: Server) -> None:
+    cleared = {"trace_level": None, "trace_rate": None, "trace_count": None}
+    for path in (f"/v2/models/{MODEL}/trace/setting", "/v2/trace/setting"):
+        httpx.post(f"{server.url}{path}", json=cleared, headers=CONTROL,
+                   timeout=30).raise_for_status()
+
+
+def test_a_change_through_one_front_end_is_in_force_in_every_one(
+        receiver: Receiver, two_frontends: Server) -> None:
+    """Answered once every front end follows it: a read, or a request, that follows on the
+    other front end sees it."""
+    server = two_frontends
+    first, second = connections_to_each(server, frontend_pids(server)).values()
+    try:
+        assert _post(first, "/v2/trace/setting", {"trace_level": ["OFF"]})[
+            "trace_level"] == ["OFF"]
+        assert _get(second, "/v2/trace/setting")["trace_level"] == ["OFF"]
+        assert _traceparent_of(second, _caller()[2]) is None
+        model = f"/v2/models/{MODEL}/trace/setting"
+        answer = _post(second, model, {"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
+        assert (answer["trace_level"], answer["trace_rate"]) == (["TIMESTAMPS"], "1")
+        assert _get(first, model) == answer
+        assert _get(first, "/v2/trace/setting")["trace_level"] == ["OFF"]
+        for connection in (first, second):
             trace_id, span_id, traceparent = _caller()
-            _detect(running, traceparent)
+            assert _traceparent_of(connection, traceparent)
             _check_tree(_trace_of(receiver, trace_id, "POST /detect"), "POST /detect",
                         span_id)
+        # The counters are each front end's: a count of 1 is one trace through each.
+        _post(first, model, {"trace_count": "1"})
+        for connection in (first, second):
+            assert _traceparent_of(connection, _caller()[2])
+            assert _traceparent_of(connection, _caller()[2]) is None
+            assert _get(connection, model)["trace_count"] == "0"
+    finally:
+        _restore(server)
+
+
+def test_the_settings_outlive_a_restarted_engine_process(two_frontends: Server) -> None:
+    """The front ends hand the settings they follow to the engine process started again,
+    rather than it turning the service back to the start values."""
+    server = two_frontends
+    connections = connections_to_each(server, frontend_pids(server))
+    first, second = connections.values()
+    try:
+        _post(first, "/v2/trace/setting", {"trace_rate": "7"})
+        _post(second, f"/v2/models/{MODEL}/trace/setting", {"trace_level": ["OFF"]})
+        engine = engine_pid(server)
+        os.kill(engine, signal.SIGKILL)
+        wait_until(lambda: next((p for p, r in children(server.process.pid).items()
+                                 if r == "engine" and p != engine), None), 60,
+                   "a new engine process")
+        # Every connection asked at each try: none idles past uvicorn's keep-alive (5 s).
+        wait_until(lambda: all([ask(c, "GET", "/readyz")[0] == 200
+                                for c in connections.values()]), 120, "readiness again")
+        for connection in (first, second):
+            assert _get(connection, "/v2/trace/setting")["trace_rate"] == "7"
+            assert _get(connection, f"/v2/models/{MODEL}/trace/setting")["trace_level"] == [
+                "OFF"]
+        # And the engine process goes on from there: a change still reaches both.
+        _post(second, "/v2/trace/setting", {"trace_rate": "9"})
+        assert _get(first, "/v2/trace/setting")["trace_rate"] == "9"
+    finally:
+        _restore(server)

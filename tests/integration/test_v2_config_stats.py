@@ -1,12 +1,17 @@
 """The Open Inference Protocol's model configuration, statistics, log settings and server
 metadata, through tritonclient's own HTTP and gRPC clients against a real server: the two
 transports answer alike, the statistics move by exactly the inferences made and agree with
-/metrics, the log level changes at run time behind the control key."""
+/metrics, the log level changes at run time behind the control key; with FRONTENDS=2, for every
+process of the service, whichever front end took the change."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
 from collections.abc import Iterator
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import grpc
@@ -23,6 +28,7 @@ from app.api.v2_extensions import EXTENSIONS
 from app.bench.cli import free_port
 from app.bench.stats import metric_value
 from tests.helpers import Server, encode, render_scene, run_server, wait_until
+from tests.integration.test_frontends import ask, connections_to_each, frontend_pids
 
 MODEL = "dfine_n_shapes"
 KEY = {"authorization": "Bearer k"}
@@ -66,7 +72,8 @@ def _raises(status: str, call: Any, *args: Any, **kwargs: Any) -> InferenceServe
 def test_server_metadata_lists_one_set_of_extensions(clients: Clients) -> None:
     over_http = clients.http.get_server_metadata(headers=KEY)["extensions"]
     over_grpc = list(clients.grpc.get_server_metadata(headers=KEY).extensions)
-    assert over_http == over_grpc == list(EXTENSIONS)
+    # Shared memory is off (SHM_KEY_PREFIXES empty): not claimed.
+    assert over_http == over_grpc == [e for e in EXTENSIONS if e != "system_shared_memory"]
     assert {"model_configuration", "statistics", "logging", "binary_tensor_data",
             "model_repository", "parameters"} <= set(over_http)
 
@@ -74,7 +81,8 @@ def test_server_metadata_lists_one_set_of_extensions(clients: Clients) -> None:
 def test_model_config_is_what_the_service_runs(clients: Clients) -> None:
     config = clients.http.get_model_config(MODEL, headers=KEY)
     assert config["name"] == MODEL and config["platform"] == "onnxruntime_onnx"
-    assert config["max_batch_size"] == 4
+    assert config["max_batch_size"] == 16  # MAX_BATCH_IMAGES: what one request may carry
+    assert config["dynamic_batching"]["preferred_batch_size"] == [4]  # the engine's batch
     assert config["version_policy"] == {"latest": {"num_versions": 1}}
     assert config["instance_group"][0]["kind"] == "KIND_CPU"
     assert config["instance_group"][0]["count"] >= 1
@@ -100,7 +108,7 @@ def test_model_config_is_what_the_service_runs(clients: Clients) -> None:
     over_grpc = clients.grpc.get_model_config(MODEL, headers=KEY).config
     assert over_grpc == json_format.ParseDict(config, model_config_pb2.ModelConfig())
     assert clients.grpc.get_model_config(MODEL, "1", headers=KEY, as_json=True)["config"][
-        "max_batch_size"] == 4
+        "max_batch_size"] == 16
 
     for version in ("7", "x"):
         _raises("404", clients.http.get_model_config, MODEL, version, headers=KEY)
@@ -242,11 +250,11 @@ def test_a_version_path_that_is_not_a_number_is_refused(clients: Clients) -> Non
     assert response.status_code == 404 and "error" in response.json()
 
 
-@pytest.fixture
-def two_frontends(tmp_path: Path) -> Iterator[Clients]:
+@pytest.fixture(scope="module")
+def two_frontends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clients]:
     port = free_port()
-    with run_server(tmp_path, "--grpc-port", str(port), "--frontends", "2",
-                    "--api-key", "k", "--control-api-key", "c") as server:
+    with run_server(tmp_path_factory.mktemp("two_frontends"), "--grpc-port", str(port),
+                    "--frontends", "2", "--api-key", "k", "--control-api-key", "c") as server:
         yield Clients(server, port)
 
 
@@ -261,3 +269,69 @@ def test_statistics_count_every_front_end(two_frontends: Clients) -> None:
                "four images counted")
     for _ in range(4):
         assert _stats(clients)["inference_count"] - before == 4
+
+
+def test_log_settings_are_the_services_whichever_front_end_takes_a_change(
+        two_frontends: Clients) -> None:
+    """FRONTENDS=2: a change through one front end is answered once every process applies
+    it: the other front end reads it at once and logs by it; a front end started again
+    follows it; the engine process logs by it too."""
+    server = two_frontends.server
+    defaults = {"log_info": True, "log_warning": True, "log_error": True,
+                "log_verbose_level": 0}
+    control = {**CONTROL, "Content-Type": "application/json"}
+
+    def change(connection: Any, **settings: Any) -> dict[str, Any]:
+        status, body = ask(connection, "POST", "/v2/logging", json.dumps(settings).encode(),
+                           control)
+        assert status == 200, body
+        return dict(json.loads(body))
+
+    def read(connection: Any) -> dict[str, Any]:
+        status, body = ask(connection, "GET", "/v2/logging", headers=KEY)
+        assert status == 200, body
+        return dict(json.loads(body))
+
+    def healthz(connection: Any, request_id: str) -> None:
+        assert ask(connection, "GET", "/healthz", headers={**KEY, "x-request-id": request_id}
+                   )[0] == 200
+
+    try:
+        connections = connections_to_each(server, frontend_pids(server))
+        first, second = connections.values()
+        for changer, other, tag in ((first, second, "a"), (second, first, "b")):
+            assert change(changer, log_info=False)["log_info"] is False
+            assert read(other)["log_info"] is False
+            healthz(other, f"p30-quiet-{tag}")
+            assert change(changer, log_info=True)["log_info"] is True
+            assert read(other)["log_info"] is True
+            # The same process writes both lines, in order: the second written, the first
+            # never will be.
+            healthz(other, f"p30-loud-{tag}")
+            wait_until(partial(_access_logged, server, f"p30-loud-{tag}"), 30, "the access line")
+            assert not _access_logged(server, f"p30-quiet-{tag}")
+        assert read(first) == read(second) == {**read(first), **defaults}
+
+        # A front end started again takes the service's settings from the engine process,
+        # whose own "front end ... connected" line (INFO) is not written meanwhile.
+        assert change(first, log_info=False, log_verbose_level=0)["log_info"] is False
+        victim = list(connections)[1]
+        for connection in connections.values():
+            connection.close()
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced_pids() -> set[int]:
+            pids = frontend_pids(server)
+            return pids if len(pids) == 2 and victim not in pids else set()
+
+        pids = wait_until(replaced_pids, 60, "a new front end")
+        replaced = next(iter(pids - set(connections)))
+        fresh = connections_to_each(server, pids)
+        assert read(fresh[replaced])["log_info"] is False
+        assert re.search(r"\(pid \d+\) connected", server.log())  # the line, at start
+        assert f"(pid {replaced}) connected" not in server.log()
+        for connection in fresh.values():
+            connection.close()
+    finally:
+        httpx.post(f"{server.url}/v2/logging", json=defaults, headers=CONTROL,
+                   timeout=30).raise_for_status()

@@ -237,3 +237,39 @@ def test_grpc_raw_contents_pair_with_the_inputs_not_in_regions(
     with pytest.raises(InvalidRequest, match="unsigned integer"):
         parse_infer_request(request.SerializeToString(), LIMITS, regions)
     regions.close()
+
+
+def test_a_segment_grown_after_registration_is_unregistered(
+        segment: Callable[[str, bytes], str]) -> None:
+    """Its open descriptor keeps all of it alive, even unlinked: grown past what MAX_SHM_BYTES
+    counted, it is let go, at its next use or the next registration."""
+    regions = Regions(settings(max_shm_bytes=1 << 16))
+    key = segment("grow", bytes(1024))
+    regions.register("g", key, 0, 1024)
+    path = Path("/dev/shm") / (PREFIX + "grow")
+    os.truncate(path, 1 << 20)  # the owner grows it to 1 MiB
+    path.unlink()
+    with pytest.raises(InvalidRequest, match="grew after it was registered"):
+        regions.read("g", 0, 8)
+    assert regions.status("") == []
+    # Grown and never used again: the next registration drops it before counting.
+    key = segment("grow2", bytes(1024))
+    regions.register("h", key, 0, 1024)
+    os.truncate(Path("/dev/shm") / (PREFIX + "grow2"), 1 << 20)
+    regions.register("i", segment("third", bytes(1 << 15)), 0, 1 << 15)
+    assert [r.name for r in regions.status("")] == ["i"]
+    regions.close()
+
+
+def test_a_damaged_registrations_file_is_started_over(
+        tmp_path: Path, segment: Callable[[str, bytes], str]) -> None:
+    store = tmp_path / "shm-regions.json"
+    regions = Regions(settings(), store)
+    regions.register("r", segment("d", bytes(64)), 0, 64)
+    store.write_bytes(b"%020d\n[{\"name\": " % 7)  # a front end killed mid-write
+    other = Regions(settings(), store)
+    assert other.status("") == []  # not a 500 on every call until a restart
+    other.register("r", segment("d2", bytes(64)), 0, 64)
+    assert [r.name for r in regions.status("")] == ["r"]
+    regions.close()
+    other.close()
