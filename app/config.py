@@ -129,8 +129,9 @@ class Settings(BaseSettings):
         DEFAULT_OVERLAP, ge=0, le=0.9, description="default overlap of neighbouring tiles, a "
         "fraction of the tile")
     tile_merge: MergeMethod = Field(
-        DEFAULT_MERGE, description="default merging of the tiles' detections: greedy_nmm "
-        "(SAHI's greedy non-max merge: a box cut by a tile border comes back whole), nms, none")
+        DEFAULT_MERGE, description="default merging of the tiles' detections: nms (the best "
+        "of matching boxes), greedy_nmm (SAHI's greedy non-max merge: a box cut by a tile "
+        "border grows back to the whole object), none")
     tile_merge_threshold: float = Field(
         DEFAULT_MERGE_THRESHOLD, gt=0, le=1, description="default overlap at which two "
         "detections are merged")

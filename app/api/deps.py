@@ -173,8 +173,8 @@ async def detect_params(
         ge=0, le=0.9, description="overlap of neighbouring tiles, a fraction of the tile "
         "(default: setting, 0.2)")] = None,
     tile_merge: Annotated[MergeMethod | None, Query(
-        description="merging of the tiles' detections: greedy_nmm (a box cut by a tile border "
-        "comes back whole), nms, none (default: setting, greedy_nmm)")] = None,
+        description="merging of the tiles' detections: nms, greedy_nmm (a box cut by a tile "
+        "border grows back to the whole object), none (default: setting, nms)")] = None,
     tile_merge_threshold: Annotated[float | None, Query(
         gt=0, le=1, description="overlap at which two detections merge (default: setting, "
         "0.5)")] = None,

@@ -88,9 +88,11 @@ def test_a_tiled_answer_says_its_tiles_and_they_cover_the_image(running: Running
         tiling["engine_images"])
 
 
-def test_objects_cut_by_tile_borders_come_back_once_at_full_size(running: Running) -> None:
+@pytest.mark.parametrize("merge", ["nms", "greedy_nmm"])
+def test_objects_cut_by_tile_borders_come_back_once_at_full_size(running: Running, merge: str
+                                                                 ) -> None:
     whole = _boxes(_detect(running.url, BIG, tile="none").json()["detections"])
-    tiled = _detect(running.url, BIG, tile=640).json()
+    tiled = _detect(running.url, BIG, tile=640, tile_merge=merge).json()
     found = _boxes(tiled["detections"])
     tiles = tiled["tiling"]["tiles"]
     cut = 0
