@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -33,6 +33,7 @@ log = logging.getLogger("dfine.batching")
 
 P = TypeVar("P")
 R = TypeVar("R")
+T = TypeVar("T")
 DropReason = Literal["cancelled", "expired"]
 
 
@@ -120,6 +121,20 @@ class _Item(Generic[P, R]):
     deadline: float
     started: bool = field(default=False)  # taken into a batch; guarded by the batcher's lock
     abandoned: bool = field(default=False)  # its waiter gave up (cancelled or expired)
+
+
+async def all_or_none(jobs: Iterable[Awaitable[T]]) -> list[T]:
+    """Every job's result; when one fails, the others are cancelled (a decode not started yet
+    never starts, a queued image leaves the queue) and waited for, so that their places are
+    held until they are gone, and the first failure is raised."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class DynamicBatcher(Generic[P, R]):
@@ -237,15 +252,8 @@ class DynamicBatcher(Generic[P, R]):
         payload is out of the queue, or its run over (``hold_while_running``), as ``submit``
         leaves one when cancelled. All or none are queued (Overloaded)."""
         items = self._enqueue(payloads, timeout_s)
-        waits = [asyncio.ensure_future(self._wait(item, timeout_s, hold_while_running))
-                 for item in items]
-        try:
-            return list(await asyncio.gather(*waits))
-        except BaseException:
-            for wait in waits:
-                wait.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-            raise
+        return await all_or_none(self._wait(item, timeout_s, hold_while_running)
+                                 for item in items)
 
     def _enqueue(self, payloads: Sequence[P], timeout_s: float) -> list[_Item[P, R]]:
         if self._closed:

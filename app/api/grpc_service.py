@@ -50,7 +50,6 @@ from app.api.v2_codec import InferRequest
 from app.api.v2_config import model_config, version_policy
 from app.api.v2_extensions import SERVER_NAME, SERVER_VERSION, extensions
 from app.api.v2_inference import (
-    all_or_none,
     check_outputs,
     jobs,
     limits_for,
@@ -60,6 +59,7 @@ from app.api.v2_inference import (
 )
 from app.api.v2_logging import from_grpc, grpc_member, log_control
 from app.api.v2_stats import read_samples, statistics
+from app.batching import all_or_none
 from app.errors import InvalidRequest, NotFound, NotReady, Overloaded, ReadTimeout, ServiceError
 from app.service import Detector
 from app.trim import IdleTrimmer

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import struct
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -101,20 +101,6 @@ def model_metadata(detector: Detector, versions: list[int]) -> dict[str, Any]:
             {"name": "names", "datatype": "BYTES", "shape": [-1, -1]},
         ],
     }
-
-
-async def all_or_none(jobs: Iterable[Awaitable[T]]) -> list[T]:
-    """Every job's result; when one fails, the others are cancelled (a decode not started yet
-    never starts) and waited for, so that their places are held until they are gone, and the
-    first failure is raised."""
-    tasks = [asyncio.ensure_future(job) for job in jobs]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 def check_outputs(wanted: list[str] | None) -> None:

@@ -10,17 +10,13 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from app.api.deps import StateDep, require_api_key
-from app.api.keys import authorize_control
+from app.api.repository_routes import require_control_key
 from app.api.uploads import read_body
 from app.api.v2_logging import KEYS, log_control
 from app.api.v2_routes import AUTH, Responses, _error, _json
 from app.errors import InvalidRequest
 
 MAX_BODY_BYTES = 4096
-
-
-async def require_control_key(request: Request, state: StateDep) -> None:
-    authorize_control(state.settings, request.headers)
 
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])

@@ -21,7 +21,6 @@ from app.api.v2_codec import parse_request
 from app.api.v2_config import model_config, version_policy
 from app.api.v2_extensions import SERVER_NAME, SERVER_VERSION, extensions
 from app.api.v2_inference import (
-    all_or_none,
     check_outputs,
     jobs,
     limits_for,
@@ -30,6 +29,7 @@ from app.api.v2_inference import (
     result_tensors,
 )
 from app.api.v2_stats import read_samples, statistics
+from app.batching import all_or_none
 from app.errors import InvalidRequest, NotFound
 from app.service import Detector
 
