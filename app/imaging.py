@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import cast
 
 import cv2
@@ -17,6 +18,11 @@ import numpy.typing as npt
 
 from app.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
 from app.orientation import OrientationMode, orient_array, oriented_size, tiff_orientation
+
+# OpenCV's own thread pool off: the service decodes on a pool of its own (one image a thread),
+# and OpenCV's idle pool workers spin on sched_yield between the resizes they share. Under load
+# that spinning cost more than a tiny image's decode and resize together (docs/performance.md).
+cv2.setNumThreads(1)
 
 LETTERBOX_FILL = 114  # the grey YOLO-style letterboxing pads with
 
@@ -478,48 +484,62 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None,
     return Decoded(image, width, height)
 
 
-def stretch_resize_rgb(image_bgr: UInt8Image, width: int, height: int) -> UInt8Image:
-    """BGR -> RGB (height, width, 3), stretched without letterbox.
+def stretch_resize(image: UInt8Image, width: int, height: int) -> UInt8Image:
+    """(height, width, 3), stretched without letterbox, its channels in the order given.
 
     The official pipeline resizes with PIL bilinear, which antialiases when it shrinks; OpenCV's
     INTER_AREA is the closest match when shrinking, INTER_LINEAR when enlarging.
     """
-    h, w = image_bgr.shape[:2]
+    h, w = image.shape[:2]
     interpolation = cv2.INTER_AREA if w * h > width * height else cv2.INTER_LINEAR
-    resized = cv2.resize(image_bgr, (width, height), interpolation=interpolation)
-    return cast(UInt8Image, cv2.cvtColor(resized, cv2.COLOR_BGR2RGB))
+    return cast(UInt8Image, cv2.resize(image, (width, height), interpolation=interpolation))
 
 
-def letterbox_rgb(image_bgr: UInt8Image, width: int, height: int
-                  ) -> tuple[UInt8Image, Letterbox]:
-    h, w = image_bgr.shape[:2]
+def letterbox(image: UInt8Image, width: int, height: int) -> tuple[UInt8Image, Letterbox]:
+    """``image`` scaled to fit (width, height) and centred on LETTERBOX_FILL grey, its channels
+    in the order given."""
+    h, w = image.shape[:2]
     scale = min(width / w, height / h)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    inner = stretch_resize_rgb(image_bgr, new_w, new_h)
+    inner = stretch_resize(image, new_w, new_h)
     canvas = np.full((height, width, 3), LETTERBOX_FILL, np.uint8)
     pad_x, pad_y = (width - new_w) // 2, (height - new_h) // 2
     canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = inner
     return canvas, Letterbox(scale, float(pad_x), float(pad_y))
 
 
-def to_chw_float(rgb: UInt8Image, mean: tuple[float, float, float] | None = None,
+def to_chw_float(image: UInt8Image, mean: tuple[float, float, float] | None = None,
                  std: tuple[float, float, float] | None = None,
-                 out: npt.NDArray[np.float32] | None = None) -> npt.NDArray[np.float32]:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1], then (x - mean) / std when given;
-    written into ``out`` (a shared-memory slot) when given, else into a new array.
+                 out: npt.NDArray[np.float32] | None = None,
+                 bgr: bool = False) -> npt.NDArray[np.float32]:
+    """(H, W, 3) uint8 RGB (or BGR: ``bgr``) -> (3, H, W) float32 RGB in [0, 1], then
+    (x - mean) / std when given; written into ``out`` (a shared-memory slot) when given, else
+    into a new array.
 
-    Divided by 255, not multiplied by 1/255: torchvision's ToTensor divides, and the two
-    differ in the last bit for some values."""
-    if out is None:
-        chw = rgb.transpose(2, 0, 1).astype(np.float32)
-    else:
-        chw = out
-        chw[...] = rgb.transpose(2, 0, 1)  # the same conversion, in place
-    chw /= np.float32(255)
-    if mean is not None and std is not None:
-        chw -= np.asarray(mean, np.float32)[:, None, None]
-        chw /= np.asarray(std, np.float32)[:, None, None]
+    Each plane is looked up in a table of its channel's 256 values (``channel_tables``), one
+    pass a plane, where the arithmetic took four passes over the whole tensor: the same bits."""
+    height, width = image.shape[:2]
+    chw = np.empty((3, height, width), np.float32) if out is None else out
+    if chw.shape != (3, height, width) or not chw.flags.c_contiguous:
+        raise ValueError(f"cannot write a {width}x{height} image into {chw.shape}")
+    planes = cv2.split(image)
+    for plane, table, into in zip(planes[::-1] if bgr else planes, channel_tables(mean, std),
+                                  chw):
+        cv2.LUT(plane, table, dst=into)
     return chw
+
+
+@lru_cache(maxsize=32)
+def channel_tables(mean: tuple[float, float, float] | None = None,
+                   std: tuple[float, float, float] | None = None
+                   ) -> tuple[npt.NDArray[np.float32], ...]:
+    """Each channel's 256 values as the model gets them, computed as torchvision does: divided
+    by 255 (not multiplied by 1/255: the two differ in the last bit for some values), then
+    ``(x - mean) / std`` in float32, the same operations in the same order."""
+    values = np.arange(256, dtype=np.float32) / np.float32(255)
+    if mean is None or std is None:
+        return (values,) * 3
+    return tuple((values - np.float32(m)) / np.float32(s) for m, s in zip(mean, std))
 
 
 def prepare(image_bgr: UInt8Image, input_width: int, input_height: int, resize: str = "stretch",
@@ -531,10 +551,11 @@ def prepare(image_bgr: UInt8Image, input_width: int, input_height: int, resize: 
     decode (stretch only: the model scales its boxes to that size)."""
     height, width = image_bgr.shape[:2]
     if resize == "letterbox":
-        rgb, box = letterbox_rgb(image_bgr, input_width, input_height)
-        return PreparedImage(to_chw_float(rgb, mean, std, out), width, height,
+        canvas, box = letterbox(image_bgr, input_width, input_height)
+        return PreparedImage(to_chw_float(canvas, mean, std, out, bgr=True), width, height,
                              (input_width, input_height), box)
     if original_size is not None:
         width, height = original_size
-    rgb = stretch_resize_rgb(image_bgr, input_width, input_height)
-    return PreparedImage(to_chw_float(rgb, mean, std, out), width, height, (width, height))
+    resized = stretch_resize(image_bgr, input_width, input_height)
+    return PreparedImage(to_chw_float(resized, mean, std, out, bgr=True), width, height,
+                         (width, height))

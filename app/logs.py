@@ -7,7 +7,8 @@ import logging
 import logging.handlers
 import queue
 import threading
-from typing import Any
+import time
+from typing import Any, cast
 
 import orjson
 
@@ -53,23 +54,47 @@ def configure(level: str, fmt: str, writer_thread: bool = True) -> None:
 
 MAX_WAITING_RECORDS = 10_000
 
+# A record still to be made by the writer: (logger, level, message, args, extra, time.time()).
+Deferred = tuple[logging.Logger, int, str, tuple[Any, ...], dict[str, Any], float]
+_handoff: _Handoff | None = None  # the process's, once configure() starts a writer
+
+
+def log_later(logger: logging.Logger, level: int, message: str, args: tuple[Any, ...],
+              extra: dict[str, Any]) -> None:
+    """``logger.log(level, message, *args, extra=extra)`` with the record made by the log's
+    writer thread: the access log's line per request cost the event loop more in making its
+    record (and in logging's locks and queue's condition) than in anything else it did. Its
+    time is taken now. Without a writer thread (the supervisor), a plain ``logger.log``."""
+    if _handoff is None:
+        logger.log(level, message, *args, extra=extra)
+    elif logger.isEnabledFor(level):
+        _handoff.put((logger, level, message, args, extra, time.time()))
+
 
 class _Handoff(logging.handlers.QueueHandler):
     """Records to a bounded queue, formatted and written by a thread of their own: the
     event loop's per-request work does not include formatting and the write. When the writer
     falls behind (a blocked stderr), records are dropped and counted, never buffered without
-    bound."""
+    bound. (A SimpleQueue, bounded by its size: queue.Queue's condition variables cost a
+    put more than the rest of it.)"""
 
     dropped = 0
+
+    def __init__(self, records: queue.SimpleQueue[logging.LogRecord | Deferred]) -> None:
+        super().__init__(records)
+        self.records = records
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         return record  # formatted by the writer (the same process: nothing to pickle)
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
+        self.put(record)
+
+    def put(self, item: logging.LogRecord | Deferred) -> None:
+        if self.records.qsize() >= MAX_WAITING_RECORDS:
             _Handoff.dropped += 1
+        else:
+            self.records.put_nowait(item)
 
 
 class _SaysWhatWasDropped(logging.Handler):
@@ -96,10 +121,22 @@ class _Writer(logging.handlers.QueueListener):
         name_os_thread()  # told apart from the others in /proc and the bench
         super()._monitor()  # type: ignore[misc]
 
+    def prepare(self, record: Any) -> logging.LogRecord:
+        if isinstance(record, logging.LogRecord):
+            return record
+        logger, level, message, args, extra, created = cast(Deferred, record)
+        made = logger.makeRecord(logger.name, level, "(unknown file)", 0, message, args, None,
+                                 extra=extra)
+        made.created, made.msecs = created, int((created - int(created)) * 1000) + 0.0
+        made.relativeCreated = (created - logging._startTime) * 1000  # type: ignore[attr-defined]
+        return made
+
 
 def _written_in_a_thread(handler: logging.Handler) -> logging.Handler:
-    records: queue.Queue[logging.LogRecord] = queue.Queue(MAX_WAITING_RECORDS)
+    global _handoff
+    records: queue.SimpleQueue[logging.LogRecord | Deferred] = queue.SimpleQueue()
     listener = _Writer(records, _SaysWhatWasDropped(handler))
     listener.start()
     atexit.register(listener.stop)  # what is queued is written before the process ends
-    return _Handoff(records)
+    _handoff = _Handoff(records)
+    return _handoff

@@ -129,6 +129,9 @@ def create_app(settings: Settings, engine: OnnxEngine | None = None,
         # Served by app.api.routes instead: from local files (no CDN), and behind the API key
         # unless OPEN_PATHS lists them. No ReDoc: one API page is enough.
         docs_url=None, redoc_url=None, openapi_url=None,
+        # FastAPI's own OpenTelemetry off: the service traces detections itself (app.tracing),
+        # and FastAPI's looks up three global providers on every request to know it is off.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.dfine = state
     install_error_handlers(app, metrics)

@@ -239,6 +239,8 @@ class Metrics:
             [*by_version, "event"])
 
         self.streams = StreamMetrics(self)
+        self._request_series: dict[tuple[str, int, str, str],
+                                   tuple[Counter, Histogram, Summary | None]] = {}
 
     def _define(self, kind: type[_M], name: str, documentation: str,
                 labelnames: Sequence[str], **kwargs: Any) -> _M:
@@ -252,11 +254,26 @@ class Metrics:
                         elapsed_s: float) -> None:
         """A request answered (REST or gRPC): its count, duration and, where it ran a model,
         its outcome."""
-        self.requests.labels(endpoint, str(status), model, version).inc()
-        self.request_duration.labels(endpoint, model, version).observe(elapsed_s)
-        if model and endpoint in INFERENCE_ENDPOINTS:
-            self.inference_requests.labels(
-                model, version, "success" if status == 200 else "fail").observe(elapsed_s)
+        key = (endpoint, status, model, version)
+        series = self._request_series.get(key)
+        if series is None:
+            series = self._request_series[key] = self._series_of_request(*key)
+        count, duration, outcome = series
+        count.inc()
+        duration.observe(elapsed_s)
+        if outcome is not None:
+            outcome.observe(elapsed_s)
+
+    def _series_of_request(self, endpoint: str, status: int, model: str, version: str
+                           ) -> tuple[Counter, Histogram, Summary | None]:
+        """The series ``observe_request`` moves for such a request, looked up once: a
+        ``labels()`` call costs a lock and a tuple each time. (Bounded: endpoints are route
+        templates, versions those loaded, and these series are never removed.)"""
+        return (self.requests.labels(endpoint, str(status), model, version),
+                self.request_duration.labels(endpoint, model, version),
+                self.inference_requests.labels(model, version,
+                                               "success" if status == 200 else "fail")
+                if model and endpoint in INFERENCE_ENDPOINTS else None)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -35,6 +35,7 @@ from app.threads import name_os_thread
 from app.tiling import Tile, Tiling, cut_by_border, merge, shift, tile_count, tile_grid
 from app.tracing import current_trace
 from app.trim import IdleTrimmer
+from app.workers import WorkerPool
 
 MAX_ROOM_WAITERS = 256
 _SERIALS = itertools.count(1)
@@ -230,8 +231,7 @@ class Detector:
         self.version = version
         self.max_batch_size = engine.parallel.max_batch_size
         self.decode_workers = engine.parallel.decode_workers
-        self._decode_pool = ThreadPoolExecutor(
-            self.decode_workers, thread_name_prefix="decode", initializer=name_os_thread)
+        self._decode_pool = WorkerPool(self.decode_workers, "decode")
         # Requests admitted at once (each holding its upload, then its decoded image): enough
         # to keep the queue and every engine instance full, and no more. This is what bounds
         # memory: see docs/limits-and-reliability.md, "Memory".
@@ -401,18 +401,8 @@ class Detector:
     async def _in_pool(self, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` in a decode worker. Cancelled before it starts, it never does;
         once started it is waited for, however often the wait is cancelled (it may be writing
-        into a slot that its request gives back when it ends)."""
-        future = self._decode_pool.submit(work, *args)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            if not future.cancel():  # running: it cannot be stopped
-                running = asyncio.wrap_future(future)
-                while not running.done():
-                    # Its result or error is not wanted; another cancel: wait on.
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await asyncio.shield(running)
-            raise
+        into a slot that its request gives back when it ends): app.workers."""
+        return await self._decode_pool.run(work, *args)
 
     def _prepare_bytes(self, data: bytes | memoryview, orientation: OrientationMode | None,
                        out: npt.NDArray[np.float32] | None) -> PreparedImage:
@@ -727,5 +717,5 @@ class Detector:
 
     async def stop(self) -> None:
         await self.runs.stop()
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool.shutdown()
         self._render_pool.shutdown(wait=False, cancel_futures=True)

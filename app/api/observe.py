@@ -12,6 +12,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.admission import DETECT_PATHS, target
+from app.logs import log_later
 from app.metrics import Metrics
 from app.tracing import RequestTrace, Tracing
 
@@ -114,12 +115,13 @@ class RequestObserver:
                              started + elapsed)
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client") or ("-", 0)
-                access_log.info(
-                    "%s %s %d %.1fms id=%s", scope["method"], printable(scope["path"]), status,
-                    elapsed * 1000, request_id.decode(),
-                    extra={"request_id": request_id.decode(), "method": scope["method"],
-                           "path": scope["path"], "status": status,
-                           "latency_ms": round(elapsed * 1000, 2), "client": client[0],
-                           "batch_size": scope["state"].get("batch_size"),
-                           "model": model or None, "version": version or None,
-                           **({"trace_id": trace.trace_id} if trace is not None else {})})
+                request_id_text = request_id.decode()
+                log_later(access_log, logging.INFO, "%s %s %d %.1fms id=%s", (
+                    scope["method"], printable(scope["path"]), status, elapsed * 1000,
+                    request_id_text), {
+                    "request_id": request_id_text, "method": scope["method"],
+                    "path": scope["path"], "status": status,
+                    "latency_ms": round(elapsed * 1000, 2), "client": client[0],
+                    "batch_size": scope["state"].get("batch_size"),
+                    "model": model or None, "version": version or None,
+                    **({"trace_id": trace.trace_id} if trace is not None else {})})

@@ -12,7 +12,14 @@ import pytest
 from PIL import Image
 
 from app.errors import ImageTooLarge, InvalidImage
-from app.imaging import decode, header_size, letterbox_rgb, prepare, stretch_resize_rgb
+from app.imaging import (
+    decode,
+    header_size,
+    letterbox,
+    prepare,
+    stretch_resize,
+    to_chw_float,
+)
 from app.postprocess import select
 from tests.helpers import DEFAULT_MODEL, box_iou, encode, render_scene
 
@@ -39,7 +46,7 @@ def detect(session: ort.InferenceSession, image: np.ndarray, width: int, height:
 @pytest.mark.parametrize("seed", [3, 7, 11, 19])
 def test_preprocessing_matches_pil_closely_enough_to_keep_detections(seed: int) -> None:
     image, _ = render_scene(seed)
-    ours = stretch_resize_rgb(image, SIZE, SIZE)
+    ours = cv2.cvtColor(stretch_resize(image, SIZE, SIZE), cv2.COLOR_BGR2RGB)
     reference = pil_reference(image)
     diff = np.abs(ours.astype(np.int16) - reference.astype(np.int16))
     print(f"seed {seed} {image.shape[1]}x{image.shape[0]}: mean abs diff {diff.mean():.3f}, "
@@ -65,9 +72,43 @@ def test_prepare_gives_nchw_float_rgb_in_unit_range_and_original_size() -> None:
     assert prepared.target_size_wh == (200, 100) and prepared.letterbox is None
 
 
+def _chw_by_arithmetic(rgb: np.ndarray, mean: tuple[float, float, float] | None,
+                       std: tuple[float, float, float] | None) -> np.ndarray:
+    """What to_chw_float did before its lookup tables, as torchvision does it."""
+    chw = rgb.transpose(2, 0, 1).astype(np.float32)
+    chw /= np.float32(255)
+    if mean is not None and std is not None:
+        chw -= np.asarray(mean, np.float32)[:, None, None]
+        chw /= np.asarray(std, np.float32)[:, None, None]
+    return chw
+
+
+@pytest.mark.parametrize("mean, std", [
+    (None, None), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), ((0.123456789, 0.9, 0.0), (0.333333, 1.7, 0.01))])
+def test_to_chw_float_gives_the_arithmetic_bits_for_every_value(
+        mean: tuple[float, float, float] | None, std: tuple[float, float, float] | None) -> None:
+    # Every value in every channel, in an odd size, into a new array and into a given one.
+    rgb = np.stack(np.meshgrid(np.arange(256), np.arange(3), indexing="ij"), -1).sum(-1)
+    rgb = np.stack([np.roll(rgb, k, axis=0) for k in range(3)], -1).astype(np.uint8)
+    expected = _chw_by_arithmetic(rgb, mean, std)
+    assert to_chw_float(rgb, mean, std).view(np.uint32).tolist() == \
+        expected.view(np.uint32).tolist()
+    out = np.full((3, 256, 3), np.nan, np.float32)
+    assert to_chw_float(rgb, mean, std, out) is out
+    assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+    with pytest.raises(ValueError):
+        to_chw_float(rgb, mean, std, np.empty((3, 3, 256), np.float32))
+
+
+def test_opencv_runs_single_threaded_in_the_service() -> None:
+    # Its pool's workers would spin between resizes that the decode threads run in parallel.
+    assert cv2.getNumThreads() == 1
+
+
 def test_letterbox_keeps_aspect_and_maps_back() -> None:
     image = np.full((100, 200, 3), 255, np.uint8)
-    canvas, box = letterbox_rgb(image, 320, 320)
+    canvas, box = letterbox(image, 320, 320)
     assert canvas.shape == (320, 320, 3) and box.scale == 1.6 and box.pad_y == 80
     prepared = prepare(image, 320, 320, resize="letterbox", mean=(0.5, 0.5, 0.5),
                        std=(0.5, 0.5, 0.5))

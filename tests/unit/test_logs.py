@@ -32,3 +32,28 @@ def test_records_beyond_the_bound_are_dropped_and_counted_and_the_rest_written_i
                   if "log records dropped" in line)
     assert dropped == 3000 - len(numbers)
     assert lines[-1].endswith("INFO t: last")  # written before the process ended
+
+
+LATER = """
+import logging, time
+from app import logs
+logs.configure("info", "json")
+log = logging.getLogger("t")
+for i in range(50):
+    logs.log_later(log, logging.INFO, "later %d %s", (i, "x"), {"n": i, "path": "/p"})
+    log.info("now %d", i)
+logs.log_later(log, logging.DEBUG, "below the level", (), {})
+"""
+
+
+def test_records_made_later_by_the_writer_keep_their_order_fields_and_level() -> None:
+    import json
+
+    done = subprocess.run([sys.executable, "-c", LATER], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=True)
+    entries = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [e["message"] for e in entries] == [
+        m for i in range(50) for m in (f"later {i} x", f"now {i}")]
+    later = [e for e in entries if e["message"].startswith("later")]
+    assert all(e["n"] == i and e["path"] == "/p" and e["logger"] == "t" and e["level"] == "info"
+               for i, e in enumerate(later))

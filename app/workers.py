@@ -1,0 +1,113 @@
+"""A pool of threads that run blocking work for the event loop (a version's decode workers).
+
+Unlike ``loop.run_in_executor`` on a ThreadPoolExecutor, a job's result goes straight to the
+asyncio future its caller awaits: no concurrent.futures Future, no callbacks chaining the two,
+no condition variables. That was a tenth of the event loop's work on a small image.
+
+The semantics ``Detector`` needs (app.service): a job cancelled before it starts never runs;
+once it runs, its caller waits for its end however often it is cancelled meanwhile (the job may
+be writing into memory the caller gives back when it returns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from app.threads import name_os_thread
+
+T = TypeVar("T")
+
+_QUEUED, _RUNNING, _CANCELLED, _ENDED = range(4)
+
+
+class _Job(Generic[T]):
+    __slots__ = ("args", "ended", "future", "state", "work")
+
+    def __init__(self, work: Callable[..., T], args: tuple[Any, ...],
+                 future: asyncio.Future[T]) -> None:
+        self.work, self.args, self.future = work, args, future
+        self.state = _QUEUED
+        self.ended: asyncio.Future[None] | None = None  # awaited by a cancelled caller
+
+
+class WorkerPool:
+    def __init__(self, threads: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # a job's QUEUED -> RUNNING or CANCELLED: one of the two
+        self._closed = False
+        self._threads = [threading.Thread(target=self._serve, name=f"{name}_{k}", daemon=True)
+                         for k in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` in a thread of the pool; its result or exception."""
+        if self._closed:
+            raise RuntimeError("the pool is shut down")
+        job: _Job[T] = _Job(work, args, asyncio.get_running_loop().create_future())
+        self._jobs.put(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            if self._cancel(job) or job.state == _CANCELLED:  # it never starts
+                raise
+            # Running: wait for its end, however often cancelled meanwhile.
+            while job.state != _ENDED:
+                if job.ended is None:
+                    job.ended = job.future.get_loop().create_future()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(job.ended)
+            raise
+
+    def shutdown(self) -> None:
+        """No new jobs; those not started are cancelled; the threads end after their job."""
+        self._closed = True
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and self._cancel(job):
+                job.future.get_loop().call_soon_threadsafe(job.future.cancel)
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _cancel(self, job: _Job[Any]) -> bool:
+        with self._lock:
+            if job.state != _QUEUED:
+                return False
+            job.state = _CANCELLED
+            return True
+
+    def _serve(self) -> None:
+        name_os_thread()
+        while (job := self._jobs.get()) is not None:
+            with self._lock:
+                if job.state != _QUEUED:  # cancelled while queued
+                    continue
+                job.state = _RUNNING
+            try:
+                result, error = job.work(*job.args), None
+            except BaseException as exc:
+                result, error = None, exc
+            loop = job.future.get_loop()
+            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody awaits it
+                loop.call_soon_threadsafe(_deliver, job, result, error)
+            del job, result, error  # not held while this thread waits for the next
+
+
+def _deliver(job: _Job[Any], result: Any, error: BaseException | None) -> None:
+    """On the job's event loop: its result to its caller (unless the caller has gone)."""
+    job.state = _ENDED
+    if not job.future.done():
+        if error is None:
+            job.future.set_result(result)
+        else:
+            job.future.set_exception(error)
+    if job.ended is not None and not job.ended.done():
+        job.ended.set_result(None)
