@@ -518,6 +518,8 @@ def to_chw_float(image: UInt8Image, mean: tuple[float, float, float] | None = No
 
     Each plane is looked up in a table of its channel's 256 values (``channel_tables``), one
     pass a plane, where the arithmetic took four passes over the whole tensor: the same bits."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"three channels expected, not an image of shape {image.shape}")
     height, width = image.shape[:2]
     chw = np.empty((3, height, width), np.float32) if out is None else out
     if chw.shape != (3, height, width) or not chw.flags.c_contiguous:
@@ -537,9 +539,11 @@ def channel_tables(mean: tuple[float, float, float] | None = None,
     by 255 (not multiplied by 1/255: the two differ in the last bit for some values), then
     ``(x - mean) / std`` in float32, the same operations in the same order."""
     values = np.arange(256, dtype=np.float32) / np.float32(255)
-    if mean is None or std is None:
-        return (values,) * 3
-    return tuple((values - np.float32(m)) / np.float32(s) for m, s in zip(mean, std))
+    tables = ((values,) * 3 if mean is None or std is None else
+              tuple((values - np.float32(m)) / np.float32(s) for m, s in zip(mean, std)))
+    for table in tables:
+        table.flags.writeable = False  # shared by every request (lru_cache)
+    return tables
 
 
 def prepare(image_bgr: UInt8Image, input_width: int, input_height: int, resize: str = "stretch",

@@ -125,8 +125,13 @@ class _Writer(logging.handlers.QueueListener):
         if isinstance(record, logging.LogRecord):
             return record
         logger, level, message, args, extra, created = cast(Deferred, record)
-        made = logger.makeRecord(logger.name, level, "(unknown file)", 0, message, args, None,
-                                 extra=extra)
+        try:
+            made = logger.makeRecord(logger.name, level, "(unknown file)", 0, message, args,
+                                     None, extra=extra)
+        except Exception as exc:  # (a reserved name in extra): said, and the writer goes on
+            made = logging.makeLogRecord({
+                "name": "dfine.logs", "levelno": logging.ERROR, "levelname": "ERROR",
+                "msg": "a record of %s could not be made: %r", "args": (logger.name, exc)})
         made.created, made.msecs = created, int((created - int(created)) * 1000) + 0.0
         made.relativeCreated = (created - logging._startTime) * 1000  # type: ignore[attr-defined]
         return made

@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import queue
 import threading
+import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from app.threads import name_os_thread
@@ -36,12 +38,26 @@ class _Job(Generic[T]):
 
 
 class WorkerPool:
+    """``threads`` threads named ``name``_k, started on the first job (a version that fails to
+    load, or the engine process's copy of one with FRONTENDS > 1, starts none). At interpreter
+    exit, as ThreadPoolExecutor's, they finish their job and are joined: a thread killed inside
+    OpenCV's code aborts the process."""
+
     def __init__(self, threads: int, name: str) -> None:
         self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # a job's QUEUED -> RUNNING or CANCELLED: one of the two
         self._closed = False
-        self._threads = [threading.Thread(target=self._serve, name=f"{name}_{k}", daemon=True)
-                         for k in range(threads)]
+        self._size, self._name = threads, name
+        self._threads: list[threading.Thread] = []
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._threads or self._closed:
+                return
+            self._threads = [threading.Thread(target=self._serve, name=f"{self._name}_{k}")
+                             for k in range(self._size)]
+        threading._register_atexit(  # type: ignore[attr-defined]
+            partial(_shut_down_if_alive, weakref.ref(self)))
         for thread in self._threads:
             thread.start()
 
@@ -49,6 +65,8 @@ class WorkerPool:
         """``work(*args)`` in a thread of the pool; its result or exception."""
         if self._closed:
             raise RuntimeError("the pool is shut down")
+        if not self._threads:
+            self._start()
         job: _Job[T] = _Job(work, args, asyncio.get_running_loop().create_future())
         self._jobs.put(job)
         try:
@@ -66,14 +84,18 @@ class WorkerPool:
 
     def shutdown(self) -> None:
         """No new jobs; those not started are cancelled; the threads end after their job."""
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         while True:
             try:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 break
             if job is not None and self._cancel(job):
-                job.future.get_loop().call_soon_threadsafe(job.future.cancel)
+                with contextlib.suppress(RuntimeError):  # its loop has closed
+                    job.future.get_loop().call_soon_threadsafe(job.future.cancel)
         for _ in self._threads:
             self._jobs.put(None)
 
@@ -88,17 +110,23 @@ class WorkerPool:
         name_os_thread()
         while (job := self._jobs.get()) is not None:
             with self._lock:
-                if job.state != _QUEUED:  # cancelled while queued
-                    continue
-                job.state = _RUNNING
-            try:
-                result, error = job.work(*job.args), None
-            except BaseException as exc:
-                result, error = None, exc
-            loop = job.future.get_loop()
-            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody awaits it
-                loop.call_soon_threadsafe(_deliver, job, result, error)
-            del job, result, error  # not held while this thread waits for the next
+                started = job.state == _QUEUED  # else cancelled while queued
+                if started:
+                    job.state = _RUNNING
+            if started:
+                try:
+                    result, error = job.work(*job.args), None
+                except BaseException as exc:
+                    result, error = None, exc
+                with contextlib.suppress(RuntimeError):  # its loop has closed: nobody awaits
+                    job.future.get_loop().call_soon_threadsafe(_deliver, job, result, error)
+                del result, error
+            del job  # its upload and slot are not held while this thread waits for the next
+
+
+def _shut_down_if_alive(pool: weakref.ref[WorkerPool]) -> None:
+    if (alive := pool()) is not None:
+        alive.shutdown()
 
 
 def _deliver(job: _Job[Any], result: Any, error: BaseException | None) -> None:

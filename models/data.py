@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from app.imaging import stretch_resize_rgb
+from app.imaging import stretch_resize
 
 
 @dataclass
@@ -65,7 +65,7 @@ def read_resized(path: Path, size: int) -> npt.NDArray[np.uint8]:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"cannot decode {path}")
-    return stretch_resize_rgb(image, size, size)
+    return cv2.cvtColor(stretch_resize(image, size, size), cv2.COLOR_BGR2RGB)
 
 
 def load_resized(images: list[CocoImage], size: int, workers: int = 8

@@ -74,7 +74,14 @@ class _UploadClock:
             return
         self.expired = (f"the upload took longer than {self.upload_timeout_s:g} s"
                         if due == self.deadline else f"no data for {self.read_timeout_s:g} s")
+        self.timer = None
         self.task.cancel()
+
+    def chunk_arrived(self) -> None:
+        self.waiting_since = None
+        if self.expired:  # its cancel came as the chunk did, and was swallowed on the way
+            self.task.uncancel()  # (asyncio.wait_for in 3.11 may): taken back, the upload
+            self.expired = ""  # goes on, as asyncio.timeout lets it
 
     def stop(self) -> None:
         if self.timer is not None:
@@ -111,7 +118,7 @@ async def _limited(request: Request, limit: int, settings: Settings
                 if clock.timed_out():
                     raise ReadTimeout(clock.expired) from None
                 raise
-            clock.waiting_since = None
+            clock.chunk_arrived()
             total += len(chunk)
             if total > limit:
                 raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")

@@ -99,6 +99,10 @@ def test_to_chw_float_gives_the_arithmetic_bits_for_every_value(
     assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
     with pytest.raises(ValueError):
         to_chw_float(rgb, mean, std, np.empty((3, 3, 256), np.float32))
+    with pytest.raises(ValueError):  # grey, or with alpha: never a tensor half filled
+        to_chw_float(rgb[..., 0], mean, std)
+    with pytest.raises(ValueError):
+        to_chw_float(np.dstack([rgb, rgb[..., :1]]), mean, std)
 
 
 def test_opencv_runs_single_threaded_in_the_service() -> None:

@@ -43,6 +43,8 @@ for i in range(50):
     logs.log_later(log, logging.INFO, "later %d %s", (i, "x"), {"n": i, "path": "/p"})
     log.info("now %d", i)
 logs.log_later(log, logging.DEBUG, "below the level", (), {})
+logs.log_later(log, logging.INFO, "cannot be made", (), {"message": "a reserved name"})
+log.info("the writer goes on")
 """
 
 
@@ -52,8 +54,10 @@ def test_records_made_later_by_the_writer_keep_their_order_fields_and_level() ->
     done = subprocess.run([sys.executable, "-c", LATER], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=True)
     entries = [json.loads(line) for line in done.stderr.splitlines()]
-    assert [e["message"] for e in entries] == [
+    assert [e["message"] for e in entries[:100]] == [
         m for i in range(50) for m in (f"later {i} x", f"now {i}")]
+    assert entries[100]["level"] == "error" and "could not be made" in entries[100]["message"]
+    assert [e["message"] for e in entries[101:]] == ["the writer goes on"]
     later = [e for e in entries if e["message"].startswith("later")]
     assert all(e["n"] == i and e["path"] == "/p" and e["logger"] == "t" and e["level"] == "info"
                for i, e in enumerate(later))

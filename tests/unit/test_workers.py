@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -97,3 +98,48 @@ def test_shutdown_cancels_what_has_not_started_and_refuses_new_jobs() -> None:
             await pool.run(lambda: None)
 
     asyncio.run(main())
+
+
+def test_a_pool_starts_its_threads_on_the_first_job_only() -> None:
+    before = {t.name for t in threading.enumerate()}
+    pool = WorkerPool(3, "lazy")
+    assert not {t.name for t in threading.enumerate()} - before  # a failed load starts none
+
+    async def main() -> None:
+        assert await pool.run(lambda: 5) == 5
+
+    asyncio.run(main())
+    assert {"lazy_0", "lazy_1", "lazy_2"} <= {t.name for t in threading.enumerate()}
+    pool.shutdown()
+
+
+def test_a_skipped_job_is_not_held_by_its_worker() -> None:
+    import gc
+    import weakref
+
+    class Upload:
+        pass
+
+    pool = WorkerPool(1, "unit")
+    release = threading.Event()
+    upload = Upload()
+    held = weakref.ref(upload)
+
+    async def main(payload: Upload) -> None:
+        blocker = asyncio.ensure_future(pool.run(release.wait, 30))
+        queued = asyncio.ensure_future(pool.run(id, payload))
+        await asyncio.sleep(0)
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        release.set()
+        await blocker  # the worker goes on to the skipped job, then waits for the next
+
+    asyncio.run(main(upload))
+    del upload
+    deadline = time.monotonic() + 10
+    while held() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert held() is None
+    pool.shutdown()
