@@ -45,7 +45,9 @@ def configure(level: str, fmt: str, writer_thread: bool = True) -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [_written_in_a_thread(handler) if writer_thread else handler]
+    global _handoff
+    _handoff = _written_in_a_thread(handler) if writer_thread else None
+    root.handlers[:] = [_handoff or handler]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error"):  # one format for everything
         logging.getLogger(name).handlers[:] = []
@@ -137,11 +139,9 @@ class _Writer(logging.handlers.QueueListener):
         return made
 
 
-def _written_in_a_thread(handler: logging.Handler) -> logging.Handler:
-    global _handoff
+def _written_in_a_thread(handler: logging.Handler) -> _Handoff:
     records: queue.SimpleQueue[logging.LogRecord | Deferred] = queue.SimpleQueue()
     listener = _Writer(records, _SaysWhatWasDropped(handler))
     listener.start()
     atexit.register(listener.stop)  # what is queued is written before the process ends
-    _handoff = _Handoff(records)
-    return _handoff
+    return _Handoff(records)

@@ -72,7 +72,7 @@ class WorkerPool:
         try:
             return await job.future
         except asyncio.CancelledError:
-            if self._cancel(job) or job.state == _CANCELLED:  # it never starts
+            if self._leave_queue(job, _CANCELLED) or job.state == _CANCELLED:  # it never starts
                 raise
             # Running: wait for its end, however often cancelled meanwhile.
             while job.state != _ENDED:
@@ -93,27 +93,25 @@ class WorkerPool:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is not None and self._cancel(job):
+            if job is not None and self._leave_queue(job, _CANCELLED):
                 with contextlib.suppress(RuntimeError):  # its loop has closed
                     job.future.get_loop().call_soon_threadsafe(job.future.cancel)
         for _ in self._threads:
             self._jobs.put(None)
 
-    def _cancel(self, job: _Job[Any]) -> bool:
+    def _leave_queue(self, job: _Job[Any], state: int) -> bool:
+        """QUEUED -> ``state`` (RUNNING or CANCELLED), for one side only; False if the other
+        side has already taken the job out of the queue."""
         with self._lock:
             if job.state != _QUEUED:
                 return False
-            job.state = _CANCELLED
+            job.state = state
             return True
 
     def _serve(self) -> None:
         name_os_thread()
         while (job := self._jobs.get()) is not None:
-            with self._lock:
-                started = job.state == _QUEUED  # else cancelled while queued
-                if started:
-                    job.state = _RUNNING
-            if started:
+            if self._leave_queue(job, _RUNNING):  # else cancelled while queued
                 try:
                     result, error = job.work(*job.args), None
                 except BaseException as exc:

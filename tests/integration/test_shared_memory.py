@@ -108,6 +108,11 @@ def _infer_from(client: Any, module: Any, region: str, size: int, offset: int = 
     return client.infer(MODEL, [given], headers=dict(API))
 
 
+def _client(running: Running, transport: str) -> tuple[Any, Any]:
+    """tritonclient's client for ``transport`` (http or grpc) and its module."""
+    return (running.http, thttp) if transport == "http" else (running.grpc, tgrpc)
+
+
 def test_the_server_metadata_lists_shared_memory_while_it_is_on(running: Running) -> None:
     over_http = running.http.get_server_metadata(headers=API)["extensions"]
     over_grpc = list(running.grpc.get_server_metadata(headers=API).extensions)
@@ -118,8 +123,7 @@ def test_the_server_metadata_lists_shared_memory_while_it_is_on(running: Running
 @pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_a_tensor_and_an_image_file_in_a_region_answer_as_in_the_body(
         running: Running, segments: Any, transport: str) -> None:
-    client, module = ((running.http, thttp) if transport == "http"
-                      else (running.grpc, tgrpc))
+    client, module = _client(running, transport)
     tensor = _tensor(3)
     image = encode(render_scene(4)[0])
     element = serialize_byte_tensor(np.array([image], dtype=object))
@@ -143,8 +147,7 @@ def test_a_tensor_and_an_image_file_in_a_region_answer_as_in_the_body(
 @pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_outputs_written_into_a_region_read_back_equal(
         running: Running, segments: Any, transport: str) -> None:
-    client, module = ((running.http, thttp) if transport == "http"
-                      else (running.grpc, tgrpc))
+    client, module = _client(running, transport)
     tensor = _tensor(5)
     size = 300 * 4 * 4 + 300 * 4 + 300 * 8
     handle = segments(f"out-{transport}", size + 16)
@@ -176,8 +179,7 @@ def test_outputs_written_into_a_region_read_back_equal(
 @pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_each_refusal_is_a_4xx_and_the_service_serves_on(
         running: Running, segments: Any, transport: str) -> None:
-    client, module = ((running.http, thttp) if transport == "http"
-                      else (running.grpc, tgrpc))
+    client, module = _client(running, transport)
     codes = ({"invalid": "422", "missing": "404", "exists": "409", "key": "403",
               "off": "501"} if transport == "http" else
              {"invalid": "StatusCode.INVALID_ARGUMENT", "missing": "StatusCode.NOT_FOUND",
